@@ -1,0 +1,58 @@
+# mixlab: two commands. `make demo` sets everything up and runs the main notebook;
+# `make test` sets everything up and runs the test suite. Both are idempotent.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mixlab-installed
+SHARED_DATA ?= ../shared/data
+export MIXLAB_DATA ?= $(CURDIR)/data
+DATA_STAMP := $(MIXLAB_DATA)/.mixlab-prepared
+# smoke on a CPU-only machine, short where CUDA is present; `make demo PROFILE=paper` overrides
+PROFILE ?= $(shell $(PY) -c "import torch; print('short' if torch.cuda.is_available() else 'smoke')" 2>/dev/null || echo smoke)
+DEMO_NOTEBOOK ?= quickstart
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup data notebooks bench clean help
+
+help:
+	@echo "make demo   - set up .venv and data, run notebooks/$(DEMO_NOTEBOOK).ipynb (profile: smoke on CPU, short on CUDA)"
+	@echo "make test   - set up .venv and data, run the test suite"
+	@echo "make notebooks - run every notebook with papermill in PROFILE"
+	@echo "make bench  - python -m mixlab.bench (quick on CPU)"
+
+setup: $(STAMP)
+
+# One venv, installed once; pyproject.toml changes trigger a reinstall.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $(STAMP)
+
+# Offline copies beside the checkout are unpacked once into $(MIXLAB_DATA) (never into
+# ../shared). Without them, `python -m mixlab download cifar10` fetches the originals.
+data: $(DATA_STAMP)
+$(DATA_STAMP): | $(STAMP)
+	mkdir -p $(MIXLAB_DATA)
+	if [ -d $(SHARED_DATA) ]; then $(PY) -m mixlab prepare --from $(SHARED_DATA); \
+	else echo "no offline data at $(SHARED_DATA): run '$(PY) -m mixlab download cifar10'"; fi
+	touch $(DATA_STAMP)
+
+demo: setup data
+	mkdir -p runs figures
+	$(VENV)/bin/papermill notebooks/$(DEMO_NOTEBOOK).ipynb runs/$(DEMO_NOTEBOOK).ipynb \
+	    -p profile $(PROFILE) --cwd notebooks
+	@echo "executed notebook: runs/$(DEMO_NOTEBOOK).ipynb; figures: figures/"
+
+test: setup data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+notebooks: setup data
+	$(PY) -m mixlab.notebooks --profile $(PROFILE)
+
+bench: setup
+	$(PY) -m mixlab.bench $(if $(filter smoke,$(PROFILE)),--quick,)
+
+clean:
+	rm -rf runs .pytest_cache

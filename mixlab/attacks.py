@@ -1,0 +1,228 @@
+"""Adversarial attacks as pure functions (FGSM, PGD with CE / CW / SLM losses, Linf and L2).
+
+Contract (as in RobustBench / AutoAttack): ``model`` maps NCHW pixels in [0, 1] to logits;
+normalisation is the model's first layer, so every ``eps`` and step size is in pixel units
+(``8/255`` for CIFAR Linf). Every attack
+
+* puts the model in eval mode while it runs (BatchNorm statistics never see attack inputs)
+  and restores the previous mode afterwards;
+* takes gradients w.r.t. the perturbation only (``torch.autograd.grad``), so ``param.grad``
+  is never touched;
+* returns points inside the eps-ball around ``x`` *and* inside the box [0, 1];
+* accepts ``eps`` (and ``alpha``) as a float or a per-example tensor of shape (B,) (MMA needs
+  one radius per example);
+* runs without per-example Python loops or host synchronisation, so it can sit inside a
+  training step.
+
+Papers: FGSM, Goodfellow et al. 2015 (arXiv 1412.6572); PGD, Madry et al. 2018
+(arXiv 1706.06083); CW margin loss, Carlini & Wagner 2017 (arXiv 1608.04644); the SLM
+(soft logit margin) loss of MMA, Ding et al. 2020 (arXiv 1812.02637); GAIRAT's geometry
+value kappa, Zhang et al. 2021 (arXiv 2010.01736).
+
+>>> x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)           # Madry PGD-10
+>>> x_adv, kappa = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10, return_kappa=True)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+NORMS = ("Linf", "L2")
+LOSSES = ("ce", "cw", "slm")
+
+
+# ----------------------------------------------------------------------------- losses
+def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CW margin ``max_{j != y} z_j - z_y`` per example, shape (B,). > 0 means misclassified."""
+    z_true = logits.gather(1, y[:, None]).squeeze(1)
+    z_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return z_other.amax(1) - z_true
+
+
+def slm_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MMA's soft logit margin ``logsumexp_{j != y} z_j - z_y`` per example, shape (B,)."""
+    z_true = logits.gather(1, y[:, None]).squeeze(1)
+    z_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return torch.logsumexp(z_other, 1) - z_true
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """Per-example loss the attacker *maximises*, shape (B,), computed in fp32."""
+    logits = logits.float()
+    if kind == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if kind == "cw":
+        return cw_margin(logits, y)
+    if kind == "slm":
+        return slm_margin(logits, y)
+    raise ValueError(f"unknown attack loss {kind!r}; choose one of {LOSSES}")
+
+
+# ----------------------------------------------------------------------------- helpers
+def check_eps(eps, norm: str = "Linf") -> None:
+    """Reject radii that cannot be meant: pixel-space Linf eps lives in [0, 1], L2 eps >= 0.
+
+    Only Python numbers are checked (checking a device tensor would force a host sync)."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    if isinstance(eps, (int, float)):
+        if eps != eps or eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if norm == "Linf" and eps > 1:
+            raise ValueError(
+                f"Linf eps={eps} is outside [0, 1]: mixlab works in pixel space, "
+                f"write 8/255 (= {8 / 255:.4f}) rather than 8")
+
+
+def _per_example(v, x: torch.Tensor) -> torch.Tensor | float:
+    """A float stays a float; a (B,) tensor becomes (B, 1, 1, 1) to broadcast over images."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return float(v)
+
+
+def _l2_norm(v: torch.Tensor) -> torch.Tensor:
+    """Per-example L2 norm, shape (B, 1, 1, 1), floored to avoid division by zero."""
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (v.dim() - 1)))
+
+
+def project(delta: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
+    """Project ``delta`` onto the eps-ball, then so that ``x + delta`` lies in [0, 1].
+
+    Clamping to the box after the ball keeps the ball constraint: it only shrinks each
+    coordinate's magnitude (``x`` itself is in the box)."""
+    eps = _per_example(eps, x)
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps) if isinstance(eps, float) else torch.maximum(
+            torch.minimum(delta, eps), -eps)
+    else:
+        delta = delta * (eps / _l2_norm(delta)).clamp(max=1.0)
+    return (x + delta).clamp(0, 1) - x
+
+
+def random_init(x: torch.Tensor, eps, norm: str) -> torch.Tensor:
+    """Uniform start in the Linf ball, or a uniformly random direction times a uniform radius
+    in the L2 ball (the usual PGD starts), projected to the box."""
+    eps_b = _per_example(eps, x)
+    if norm == "Linf":
+        delta = (torch.rand_like(x) * 2 - 1) * eps_b
+    else:
+        direction = torch.randn_like(x)
+        radius = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+        delta = direction / _l2_norm(direction) * radius * eps_b
+    return project(delta, x, eps, norm)
+
+
+def ascent_step(delta: torch.Tensor, grad: torch.Tensor, alpha, norm: str) -> torch.Tensor:
+    """One steepest-ascent step of size alpha: sign of the gradient (Linf) or its unit
+    direction (L2)."""
+    alpha = _per_example(alpha, delta)
+    if norm == "Linf":
+        return delta + alpha * grad.sign()
+    return delta + alpha * grad / _l2_norm(grad)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run with the model in eval mode and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def autocast_for(x: torch.Tensor, amp: bool | None):
+    """bf16 autocast on CUDA by default (amp=None); amp=True forces it (CPU tests exercise the
+    GPU path this way); amp=False turns it off. Nested inside an outer autocast it is a no-op."""
+    enabled = x.is_cuda if amp is None else amp
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- attacks
+def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps,
+         norm: str = "Linf", loss: str = "ce", amp: bool | None = None) -> torch.Tensor:
+    """Fast Gradient Sign Method (Goodfellow et al. 2015, arXiv 1412.6572).
+
+    Distance measure: Linf (or L2: one step of length eps along the gradient).
+    x: (B, C, H, W) in [0, 1]; y: (B,) int64 labels; eps: float or (B,) tensor, pixel units.
+    Returns x_adv, same shape, in [0, 1] and within eps of x.
+
+    >>> x_adv = fgsm(model, x, y, eps=8/255)
+    """
+    check_eps(eps, norm)
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, loss=loss,
+               random_start=False, amp=amp)
+
+
+def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, alpha, steps: int,
+        norm: str = "Linf", loss: str | Callable = "ce", random_start: bool = True,
+        restarts: int = 1, early_stop: bool = False, return_kappa: bool = False,
+        amp: bool | None = None):
+    """Projected gradient descent on the loss (Madry et al. 2018, arXiv 1706.06083).
+
+    Distance measure: Linf or L2 (``norm``), radius ``eps`` in pixel units, step ``alpha``
+    (both floats or per-example (B,) tensors). Maximises ``loss``: "ce", "cw" (CW margin),
+    "slm" (MMA's soft logit margin) or a callable ``(logits, y) -> (B,)``.
+
+    Args:
+        x: (B, C, H, W) clean inputs in [0, 1]. y: (B,) int64 labels.
+        restarts: independent random starts; per example the strongest is kept (a
+            misclassified result first, then the higher loss).
+        early_stop: freeze an example as soon as an iterate is misclassified (its
+            perturbation stops moving; the loop itself runs all steps, no host sync).
+        return_kappa: also return GAIRAT's geometry value kappa (B,) int64 in {0..steps}:
+            the number of iterates, each taken *before* a step, that the model still
+            classifies correctly (Zhang et al. 2021). With restarts > 1 it is the kappa of
+            the kept restart.
+        amp: bf16 autocast (None: on CUDA only). Attack losses are computed in fp32.
+    Returns:
+        x_adv (B, C, H, W) in [0, 1] with ||x_adv - x|| <= eps; or (x_adv, kappa).
+
+    >>> x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)
+    >>> x_adv = pgd(model, x, y, eps=0.5, alpha=0.125, steps=20, norm="L2", loss="cw")
+    """
+    check_eps(eps, norm)
+    loss_fn = loss if callable(loss) else (lambda z, t, _k=loss: attack_loss(z, t, _k))
+    x = x.detach()
+    best_x, best_score, best_kappa = None, None, None
+    # enable_grad: callers may sit in a no_grad block (evaluation); the attack still needs
+    # input gradients
+    with eval_mode(model), autocast_for(x, amp), torch.enable_grad():
+        for _ in range(max(1, restarts)):
+            delta = random_init(x, eps, norm) if random_start else torch.zeros_like(x)
+            kappa = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                logits = model(x + delta)
+                correct = logits.argmax(1) == y
+                kappa += correct
+                per_example = loss_fn(logits, y)
+                grad, = torch.autograd.grad(per_example.sum(), delta)
+                with torch.no_grad():
+                    if early_stop:
+                        active = active & correct
+                        grad = grad * active.reshape(-1, *([1] * (x.dim() - 1)))
+                    delta = project(ascent_step(delta.detach(), grad, alpha, norm), x, eps, norm)
+            x_adv = (x + delta).detach()
+            if restarts <= 1:
+                best_x, best_kappa = x_adv, kappa
+                break
+            with torch.no_grad():
+                logits = model(x_adv).float()
+                score = loss_fn(logits, y).float() + 1e6 * (logits.argmax(1) != y)
+            if best_x is None:
+                best_x, best_score, best_kappa = x_adv, score, kappa
+            else:
+                better = score > best_score
+                best_x = torch.where(better.reshape(-1, 1, 1, 1), x_adv, best_x)
+                best_kappa = torch.where(better, kappa, best_kappa)
+                best_score = torch.maximum(score, best_score)
+    return (best_x, best_kappa) if return_kappa else best_x

@@ -1,0 +1,660 @@
+"""Datasets as uint8 tensors, and a loader that slices them on the device.
+
+A whole split is read once into a :class:`TensorDataset` (``x`` uint8 ``(N, C, H, W)``, ``y`` int64
+``(N,)``), moved to the GPU once (50k CIFAR images are 150 MB), and :class:`DeviceLoader` yields
+:class:`Batch` es that are index slices of it: pixels as float in [0, 1] (normalisation is the
+model's first layer), labels, and ``idx``, the dataset indices of the examples, so per-example state
+(GAIRAT weights, MMA's per-example eps) is a plain tensor indexed by ``idx``. Training augmentation
+(random crop with 4-pixel zero padding + horizontal flip, as torchvision's ``RandomCrop(32, 4)`` and
+``RandomHorizontalFlip``) runs batched on the device (the airbench recipe).
+
+Where data comes from, for ``load_dataset(name)`` under ``root = $MIXLAB_DATA or ./data``:
+
+1. torchvision's own on-disk layout (``cifar-10-batches-py/``, ``cifar-100-python/``,
+   ``MNIST/raw/``, ``svhn/*_32x32.mat``): the original data, preferred when present;
+2. an image folder ``<root>/<name>/{train,test}/<class>/*.png|jpg`` (also ``<root>/<name>-jpeg/``,
+   or one sub-folder deeper), classes sorted alphabetically as ``torchvision.datasets.ImageFolder``
+   does. Decoded once and cached as ``<folder>/<split>.pt``. This is how the offline JPEG copy of
+   CIFAR-10 is used (see :func:`prepare_cifar10_from_archive`);
+3. a download through torchvision, only when asked (``download=True``, ``--download``,
+   ``python -m mixlab download <name>``).
+
+Anything else is a :class:`DataError` naming the dataset, the paths tried and the command that
+fixes it. There is never silent random data in place of a real dataset: the only synthetic data is
+the dataset named ``"synthetic"``, and results carry that name.
+
+This module knows nothing of the rest of mixlab, and touches no device at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import pathlib
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "synthetic")
+SPLITS = ("train", "test")
+
+# Standard label order (alphabetical, as torchvision and ImageFolder give it).
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+
+# Per-dataset facts. mean/std: per-channel pixel statistics of the train split in [0, 1] (what a
+# model's normalisation layer uses); eps: the usual threat-model budgets in pixel units
+# (papers.md: CIFAR Linf 8/255 and L2 0.5, MNIST Linf 0.3 and L2 2.0; SVHN follows CIFAR).
+_INFO = {
+    "cifar10": dict(num_classes=10, in_channels=3, image_size=32, train_size=50_000, test_size=10_000,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                    eps={"Linf": 8 / 255, "L2": 0.5}, classes=CIFAR10_CLASSES),
+    "cifar100": dict(num_classes=100, in_channels=3, image_size=32, train_size=50_000, test_size=10_000,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                     eps={"Linf": 8 / 255, "L2": 0.5}, classes=None),  # names come from the files
+    "svhn": dict(num_classes=10, in_channels=3, image_size=32, train_size=73_257, test_size=26_032,
+                 mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
+                 eps={"Linf": 8 / 255, "L2": 0.5}, classes=[str(i) for i in range(10)]),
+    "mnist": dict(num_classes=10, in_channels=1, image_size=28, train_size=60_000, test_size=10_000,
+                  mean=(0.1307,), std=(0.3081,),
+                  eps={"Linf": 0.3, "L2": 2.0}, classes=[str(i) for i in range(10)]),
+    # Defaults of synthetic_dataset(); mean/std are those of its generator (0.5 +- about 0.2).
+    "synthetic": dict(num_classes=10, in_channels=3, image_size=32, train_size=2048, test_size=512,
+                      mean=(0.5, 0.5, 0.5), std=(0.22, 0.22, 0.22),
+                      eps={"Linf": 8 / 255, "L2": 0.5}, classes=[f"class{i}" for i in range(10)]),
+}
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DataError(RuntimeError):
+    """Data missing, unreadable or unknown: the message names the dataset, the path(s) tried and
+    the command that fixes it."""
+
+
+def data_root() -> pathlib.Path:
+    """Where datasets live: ``$MIXLAB_DATA`` if set, else ``./data`` (absolute, not created)."""
+    return pathlib.Path(os.environ.get("MIXLAB_DATA") or "data").expanduser().resolve()
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset object
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TensorDataset:
+    """A whole split held as tensors.
+
+    x: uint8 ``(N, C, H, W)``, pixels 0..255 (divide by 255 for the [0, 1] the models take).
+    y: int64 ``(N,)`` class indices in ``[0, num_classes)``.
+    source: the path the data was read from, or ``"synthetic"`` (for provenance records).
+    """
+
+    name: str
+    split: str
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    classes: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device) -> "TensorDataset":
+        """The same data on ``device`` (uint8 stays uint8: 4x less memory than float)."""
+        return dataclasses.replace(self, x=self.x.to(device), y=self.y.to(device))
+
+    def _take(self, idx: torch.Tensor, split: str | None = None) -> "TensorDataset":
+        idx = idx.to(self.x.device)
+        return dataclasses.replace(self, x=self.x[idx], y=self.y[idx], split=split or self.split)
+
+    def subset(self, n: int, seed: int = 0) -> "TensorDataset":
+        """The first ``n`` examples of a permutation seeded by ``seed`` (all of them, shuffled,
+        if ``n >= len(self)``). Not stratified; use it for quick runs, and record the fingerprint."""
+        if n <= 0:
+            raise ValueError(f"subset size must be positive, got {n}")
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self._take(perm[:n])
+
+    def fingerprint(self) -> str:
+        """A short hash (16 hex digits) of shapes, pixels and labels, for provenance records:
+        two datasets with the same fingerprint hold the same examples in the same order."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr((tuple(self.x.shape), tuple(self.y.shape))).encode())
+        h.update(self.x.detach().cpu().contiguous().numpy().tobytes())
+        h.update(self.y.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"TensorDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+                f"shape={tuple(self.x.shape[1:])}, num_classes={self.num_classes}, "
+                f"device={self.x.device}, source={self.source!r})")
+
+
+def train_val_split(ds: TensorDataset, val_size: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Split ``ds`` into (train, val) by a permutation seeded by ``seed``; val holds ``val_size``
+    examples (MMA: 45k/5k on CIFAR-10) and gets ``split="val"``. Indices of both are new (0..n-1)."""
+    if not 0 < val_size < len(ds):
+        raise ValueError(f"val_size must be in (0, {len(ds)}), got {val_size}")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return ds._take(perm[val_size:]), ds._take(perm[:val_size], split="val")
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data (tests, smoke runs)
+# ----------------------------------------------------------------------------------------------
+
+def synthetic_dataset(n: int = 512, *, num_classes: int = 10, image_size: int = 32, channels: int = 3,
+                      seed: int = 0, split: str = "train") -> TensorDataset:
+    """A learnable toy task: each class has a smooth mean image, each example is that image plus
+    Gaussian pixel noise (std 0.15 in [0, 1] units), stored as uint8 like real data.
+
+    The class means depend on ``seed`` only, so train and test splits of the same seed share them
+    (a model trained on one generalises to the other); the samples differ between splits.
+    Named ``"synthetic"`` so that results can never pass for a real dataset's.
+    """
+    _check_split(split)
+    g = torch.Generator().manual_seed(seed)
+    # Coarse 4x4 patterns upsampled: smooth, so random crops and flips keep the class visible.
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
+    means = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    means = 0.2 + 0.6 * means  # leave room for the noise inside [0, 1]
+    g = torch.Generator().manual_seed(2 * seed + 1 + SPLITS.index(split))  # differs per split
+    y = torch.randperm(n, generator=g) % num_classes  # balanced, shuffled
+    noise = 0.15 * torch.randn(n, channels, image_size, image_size, generator=g)
+    x = ((means[y] + noise).clamp_(0, 1) * 255).round_().to(torch.uint8)
+    return TensorDataset(name="synthetic", split=split, x=x, y=y.long(), num_classes=num_classes,
+                         classes=[f"class{i}" for i in range(num_classes)], source="synthetic")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def dataset_info(name: str) -> dict:
+    """Facts about a dataset without reading it: ``num_classes``, ``in_channels``, ``image_size``,
+    ``train_size``, ``test_size``, per-channel ``mean``/``std`` (pixels in [0, 1]), default
+    ``eps`` per norm in pixel units (``{"Linf": 8/255, "L2": 0.5}`` for CIFAR), ``classes``
+    (None when only the files know them)."""
+    name = _check_name(name)
+    info = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in _INFO[name].items()}
+    return {"name": name, **info}
+
+
+def load_dataset(name: str, split: str = "train", *, root=None, download: bool = False) -> TensorDataset:
+    """Read one split of a dataset into a :class:`TensorDataset` on the CPU.
+
+    name: one of :data:`DATASETS`; split: ``"train"`` or ``"test"``; root: the data folder
+    (default :func:`data_root`); download: fetch through torchvision when the data is absent.
+    Order of preference: torchvision's layout, then an image folder, then a download (module
+    docstring). Raises :class:`DataError` when none is there.
+
+    >>> ds = load_dataset("synthetic", "train")
+    >>> ds.x.dtype, ds.x.shape[1:]
+    (torch.uint8, torch.Size([3, 32, 32]))
+    """
+    name = _check_name(name)
+    _check_split(split)
+    if name == "synthetic":
+        info = _INFO["synthetic"]
+        return synthetic_dataset(info[f"{split}_size"], split=split)
+    root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
+    tv_path = _torchvision_path(name, root, split)
+    if tv_path is not None:
+        return _read_torchvision_layout(name, root, split)
+    folder = find_image_folder(root, name, split)
+    if folder is not None:
+        return read_image_folder(folder, split, name=name)
+    if download:
+        _download(name, root)
+        return _read_torchvision_layout(name, root, split)
+    raise DataError(_missing_message(name, root, split))
+
+
+def find_dataset(name: str, split: str = "train", *, root=None) -> pathlib.Path | None:
+    """The path :func:`load_dataset` would read for ``name``/``split``, or None if absent
+    (cheap: nothing is decoded; for ``python -m mixlab info``)."""
+    name = _check_name(name)
+    _check_split(split)
+    if name == "synthetic":
+        return None
+    root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
+    return _torchvision_path(name, root, split) or find_image_folder(root, name, split)
+
+
+def download(name: str, root=None) -> pathlib.Path:
+    """Download ``name`` (both splits) through torchvision's downloaders into ``root`` (default
+    :func:`data_root`), which check the official md5 sums. Returns the root. The CLI's
+    ``python -m mixlab download <name>``."""
+    return _download(_check_name(name), root)
+
+
+def _download(name: str, root) -> pathlib.Path:  # load_dataset's `download` argument hides the name
+    if name == "synthetic":
+        raise DataError("the 'synthetic' dataset is generated in memory: nothing to download")
+    import torchvision.datasets as tvd
+
+    root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        if name == "cifar10":
+            tvd.CIFAR10(str(root), train=True, download=True)
+        elif name == "cifar100":
+            tvd.CIFAR100(str(root), train=True, download=True)
+        elif name == "mnist":
+            tvd.MNIST(str(root), train=True, download=True)
+            tvd.MNIST(str(root), train=False, download=True)
+        elif name == "svhn":
+            for split in SPLITS:
+                tvd.SVHN(str(root / "svhn"), split=split, download=True)
+    except Exception as err:  # network errors come in many types (URLError, RuntimeError, OSError)
+        hint = (f" Or put an image-folder copy in {root / name}/{{train,test}}/<class>/*.png|jpg."
+                if name == "cifar10" else "")
+        raise DataError(
+            f"Could not download dataset '{name}' into {root}: {type(err).__name__}: {err}\n"
+            f"Check the network, or copy the files in torchvision's layout into {root} (or set "
+            f"MIXLAB_DATA to a folder that has them).{hint}") from err
+    return root
+
+
+# --- torchvision layouts ------------------------------------------------------------------------
+#
+# MNIST is read by torchvision itself. CIFAR pickles and SVHN .mat files are read here, in exactly
+# torchvision's layout and with its decoding, because torchvision's CIFAR10/100 and SVHN classes
+# refuse any file whose md5 is not the official one: that would make these code paths untestable
+# with small files. torchvision still does every download (and checks the md5 sums then).
+
+def _torchvision_path(name: str, root: pathlib.Path, split: str) -> pathlib.Path | None:
+    """The folder/file of torchvision's layout for this split, if it exists."""
+    if name == "cifar10":
+        candidates = [root / "cifar-10-batches-py"]
+    elif name == "cifar100":
+        candidates = [root / "cifar-100-python"]
+    elif name == "mnist":
+        stem = "train" if split == "train" else "t10k"
+        candidates = [root / "MNIST" / "raw" / f"{stem}-images-idx3-ubyte"]
+    else:  # svhn: our download goes to root/svhn; torchvision's default puts it in root itself
+        candidates = [root / "svhn" / f"{split}_32x32.mat", root / f"{split}_32x32.mat"]
+    return next((p for p in candidates if p.exists()), None)
+
+
+def _read_torchvision_layout(name: str, root: pathlib.Path, split: str) -> TensorDataset:
+    path = _torchvision_path(name, root, split)
+    if path is None:
+        raise DataError(_missing_message(name, root, split))
+    try:
+        if name in ("cifar10", "cifar100"):
+            x, y, classes = _read_cifar_pickles(name, path, split)
+        elif name == "mnist":
+            import torchvision.datasets as tvd
+
+            tv = tvd.MNIST(str(root), train=(split == "train"), download=False)
+            x, y, classes = tv.data.unsqueeze(1), tv.targets, [str(i) for i in range(10)]
+            path = pathlib.Path(tv.raw_folder)
+        else:
+            x, y, classes = _read_svhn_mat(path)
+    except DataError:
+        raise
+    except Exception as err:  # truncated pickle, bad .mat, missing label file, ...
+        raise DataError(
+            f"Dataset '{name}' ({split}) at {path} is incomplete or corrupt: {type(err).__name__}: {err}\n"
+            f"Fix: delete it and run `python -m mixlab download {name}` (or pass download=True / "
+            f"--download), or set MIXLAB_DATA to a folder with a good copy.") from err
+    x = torch.as_tensor(x).to(torch.uint8).contiguous()
+    y = torch.as_tensor(y).to(torch.int64)
+    if x.ndim != 4 or x.shape[0] != y.shape[0]:
+        raise DataError(f"Dataset '{name}' at {path}: images {tuple(x.shape)} and labels "
+                        f"{tuple(y.shape)} do not match; re-download with `python -m mixlab download {name}`.")
+    return TensorDataset(name=name, split=split, x=x, y=y, num_classes=_INFO[name]["num_classes"],
+                         classes=classes, source=str(path))
+
+
+def _read_cifar_pickles(name: str, folder: pathlib.Path, split: str):
+    """torchvision's CIFAR pickle layout: ``data`` (N, 3072) uint8 rows in CHW order, labels in
+    ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100). The rows reshape straight to NCHW."""
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta_file, names_key = "batches.meta", "label_names"
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        meta_file, names_key = "meta", "fine_label_names"
+    xs, ys = [], []
+    for f in files:
+        with open(folder / f, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        xs.append(torch.as_tensor(entry["data"]).reshape(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(entry["labels"] if "labels" in entry else entry["fine_labels"]))
+    classes = CIFAR10_CLASSES if name == "cifar10" else [str(i) for i in range(100)]
+    if (folder / meta_file).exists():
+        with open(folder / meta_file, "rb") as fh:
+            classes = list(pickle.load(fh, encoding="latin1")[names_key])
+    return torch.cat(xs), torch.cat(ys), classes
+
+
+def _read_svhn_mat(path: pathlib.Path):
+    """torchvision's SVHN layout: ``X`` (32, 32, 3, N) uint8 as HWCN, ``y`` (N, 1) in 1..10 where
+    10 stands for digit 0 (mapped to 0, as torchvision does)."""
+    import scipy.io as sio
+
+    mat = sio.loadmat(str(path))
+    x = torch.as_tensor(mat["X"]).permute(3, 2, 0, 1)  # HWCN -> NCHW
+    y = torch.as_tensor(mat["y"].astype("int64")).reshape(-1)
+    y[y == 10] = 0
+    return x, y, [str(i) for i in range(10)]
+
+
+def _missing_message(name: str, root: pathlib.Path, split: str) -> str:
+    tv = {"cifar10": root / "cifar-10-batches-py", "cifar100": root / "cifar-100-python",
+          "mnist": root / "MNIST" / "raw", "svhn": root / "svhn" / f"{split}_32x32.mat"}[name]
+    msg = (f"Dataset '{name}' ({split}) not found under {root}.\n"
+           f"Tried: {tv} (torchvision layout) and {root / name}/{split}/<class>/*.png|jpg (image folder).\n"
+           f"Fix: run `python -m mixlab download {name}` (or pass download=True / --download), "
+           f"or set MIXLAB_DATA to the folder that holds it.")
+    if name == "cifar10":
+        msg += (f"\nAn image-folder copy also works: unpack it so that {root / 'cifar10'}/train/<class>/*.jpg "
+                f"exists (prepare_cifar10_from_archive(tar_path, root) does this for a .tar.gz).")
+    return msg
+
+
+# --- image folders --------------------------------------------------------------------------------
+
+def find_image_folder(root, name: str, split: str) -> pathlib.Path | None:
+    """The image-folder tree for ``name`` under ``root`` that has a ``<split>/`` sub-folder:
+    ``root/<name>``, ``root/<name>-jpeg``, or one folder below either (archives that unpack into a
+    sub-folder). None if there is none."""
+    root = pathlib.Path(root)
+    for base in (root / name, root / f"{name}-jpeg"):
+        if not base.is_dir():
+            continue
+        if (base / split).is_dir():
+            return base
+        for sub in sorted(p for p in base.iterdir() if p.is_dir()):
+            if (sub / split).is_dir():
+                return sub
+    return None
+
+
+def _list_images(split_dir: pathlib.Path) -> tuple[list[str], list[tuple[pathlib.Path, int]]]:
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    files = []
+    for label, cls in enumerate(classes):
+        names = sorted(e.name for e in os.scandir(split_dir / cls)
+                       if e.is_file() and e.name.lower().endswith(_IMAGE_SUFFIXES))
+        files += [(split_dir / cls / n, label) for n in names]
+    return classes, files
+
+
+def read_image_folder(folder, split: str, *, name: str | None = None) -> TensorDataset:
+    """Read ``folder/<split>/<class>/*.png|jpg`` into a TensorDataset (labels = alphabetical class
+    order, files in name order). All images must have one size; grey images stay 1-channel, others
+    are read as RGB.
+
+    Decoding is done once (60k CIFAR JPEGs take about 20 s) and cached as ``folder/<split>.pt``;
+    the cache is rebuilt when the class list or the number of files changes. A read-only folder
+    just goes uncached.
+    """
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    folder = pathlib.Path(folder)
+    name = name or folder.name
+    split_dir = folder / split
+    if not split_dir.is_dir():
+        raise DataError(f"Image folder for '{name}' has no {split_dir}; expected "
+                        f"{folder}/{split}/<class>/*.png|jpg.")
+    classes, files = _list_images(split_dir)
+    if not files:
+        raise DataError(f"Image folder {split_dir} for '{name}' holds no .png/.jpg files in "
+                        f"<class>/ sub-folders.")
+    cache = folder / f"{split}.pt"
+    x = y = None
+    if cache.exists():
+        try:
+            c = torch.load(cache, weights_only=True)
+            if c["num_files"] == len(files) and c["classes"] == classes:
+                x, y = c["x"], c["y"]
+        except Exception:  # unreadable cache: rebuild it
+            pass
+    if x is None:
+        if len(files) > 1000:
+            print(f"mixlab.data: decoding {len(files)} images from {split_dir} once "
+                  f"(cached to {cache})", file=sys.stderr)
+        try:
+            first = decode_image(read_file(str(files[0][0])), mode=ImageReadMode.UNCHANGED)
+            mode = ImageReadMode.GRAY if first.shape[0] in (1, 2) else ImageReadMode.RGB
+            x = torch.stack([decode_image(read_file(str(p)), mode=mode) for p, _ in files])
+        except RuntimeError as err:  # undecodable file or images of different sizes
+            raise DataError(f"Could not read the image folder {split_dir} for '{name}': {err}\n"
+                            f"All images must decode and have one size.") from err
+        y = torch.tensor([label for _, label in files], dtype=torch.int64)
+        _save_atomic({"x": x, "y": y, "classes": classes, "num_files": len(files)}, cache)
+    return TensorDataset(name=name, split=split, x=x, y=y, num_classes=len(classes),
+                         classes=classes, source=str(folder))
+
+
+def _save_atomic(obj, path: pathlib.Path) -> None:
+    """torch.save through a temporary file + rename, so a crash or a concurrent reader never sees
+    half a cache. Failing to write (read-only folder) is not an error: the data was read."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError:
+        return
+    try:
+        os.close(fd)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+# --- preparing the offline copies -----------------------------------------------------------------
+
+def prepare_cifar10_from_archive(tar_path, root=None) -> pathlib.Path:
+    """Unpack an image-folder archive of CIFAR-10 (``train/<class>/*.jpg``, ``test/...``, possibly
+    inside one top folder) into ``root/cifar10`` once; returns the tree that has ``train/``.
+
+    Idempotent: does nothing when the tree is there. Unpacks into a temporary folder then renames
+    it, so an interrupted run leaves nothing half-done behind.
+    """
+    root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
+    found = find_image_folder(root, "cifar10", "train")
+    if found is not None and (found / "test").is_dir():
+        return found
+    tar_path = pathlib.Path(tar_path)
+    if not tar_path.is_file():
+        raise DataError(f"CIFAR-10 archive {tar_path} not found (dataset 'cifar10'). Fix: point to "
+                        f"the .tar.gz, or run `python -m mixlab download cifar10`.")
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / "cifar10"
+    if dest.exists():
+        raise DataError(f"{dest} exists but holds no train/ and test/ image folders; remove it "
+                        f"and run again to unpack {tar_path} (dataset 'cifar10').")
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=".cifar10-unpack-"))
+    try:
+        with tarfile.open(tar_path) as tf:
+            # The "data" filter refuses absolute paths, links out of the tree and device files
+            # (Python >= 3.10.12 / 3.11.4; older ones lack it and extract as before).
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, filter="data")
+            else:
+                tf.extractall(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    found = find_image_folder(root, "cifar10", "train")
+    if found is None:
+        raise DataError(f"Unpacked {tar_path} into {dest} but found no train/<class>/ images in it "
+                        f"(dataset 'cifar10'); is it the right archive?")
+    return found
+
+
+def prepare_mnist_from_gz(src_dir, root=None) -> pathlib.Path:
+    """Gunzip the 4 MNIST IDX files ``src_dir/*-ubyte.gz`` into ``root/MNIST/raw/`` (torchvision's
+    layout) once; returns that folder. Idempotent: files already there are kept."""
+    src_dir = pathlib.Path(src_dir)
+    root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for fname in _MNIST_FILES:
+        dst = raw / fname
+        if dst.exists() and dst.stat().st_size > 0:
+            continue
+        src = src_dir / f"{fname}.gz"
+        if not src.is_file():
+            raise DataError(f"MNIST file {src} not found (dataset 'mnist'). Fix: point src_dir to "
+                            f"the folder with the 4 .gz files, or run `python -m mixlab download mnist`.")
+        tmp = dst.with_name(f".{fname}.tmp")
+        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, length=1 << 20)
+        os.replace(tmp, dst)
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation and the device loader
+# ----------------------------------------------------------------------------------------------
+
+def _crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+               padding: int) -> torch.Tensor:
+    """Crop ``x[b]`` from its zero-padded copy at offset ``(dy[b], dx[b])`` in ``[0, 2*padding]``
+    and mirror it left-right where ``flip[b]``; one ``gather`` for the whole batch.
+
+    x: ``(B, C, H, W)`` any dtype; dy, dx: int64 ``(B,)``; flip: bool ``(B,)``, all on x's device.
+    """
+    B, C, H, W = x.shape
+    Wp = W + 2 * padding
+    xp = F.pad(x, (padding, padding, padding, padding))  # zeros, as RandomCrop(padding=4)
+    rows = torch.arange(H, device=x.device)[None, :] + dy[:, None]  # (B, H) rows of xp
+    j = torch.arange(W, device=x.device)[None, :]
+    j = torch.where(flip[:, None], W - 1 - j, j)  # flipped crop reads columns right to left
+    cols = j + dx[:, None]  # (B, W) columns of xp
+    src = (rows[:, :, None] * Wp + cols[:, None, :]).reshape(B, 1, H * W).expand(B, C, H * W)
+    return xp.reshape(B, C, -1).gather(2, src).reshape(B, C, H, W)
+
+
+def _draw_crop_flip(n: int, padding: int, generator: torch.Generator | None, device):
+    """Crop offsets and flips for n images, drawn with ``generator`` on its own device (the CPU
+    for a CPU generator; then moved, one small copy) or on ``device`` when there is none."""
+    gdev = generator.device if generator is not None else device
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev)
+    flip = torch.rand(n, generator=generator, device=gdev) < 0.5
+    return dy.to(device), dx.to(device), flip.to(device)
+
+
+def augment_crop_flip(x: torch.Tensor, *, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched random crop of the zero-padded image (as torchvision's ``RandomCrop(H, padding)``)
+    and horizontal flip with probability 1/2, in one gather: no per-example Python loop.
+
+    x: ``(B, C, H, W)``, uint8 or float (output has the same dtype, shape and device).
+    generator: draws the offsets and flips (same generator state, same result); None uses torch's
+    default generator of x's device.
+    """
+    dy, dx, flip = _draw_crop_flip(x.shape[0], padding, generator, x.device)
+    return _crop_flip(x, dy, dx, flip, padding)
+
+
+@dataclass
+class Batch:
+    """One batch: ``x`` float ``(B, C, H, W)`` in [0, 1] on the device; ``y`` int64 ``(B,)``;
+    ``idx`` int64 ``(B,)`` the dataset indices of the examples (for per-example state).
+    Unpacks as ``x, y, idx = batch``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+    def __iter__(self):
+        return iter((self.x, self.y, self.idx))
+
+
+class DeviceLoader:
+    """Batches of a :class:`TensorDataset` that already sits on its device (GPU or CPU).
+
+    Each epoch (each ``iter(loader)``) draws all its randomness up front from ``generator`` on
+    the CPU, the order (``randperm``) and, with ``augment``, every example's crop offsets and
+    flip, then moves it to the device in one copy. Batches are then index slices of the uint8
+    data, augmented as uint8, converted with ``x.float().div_(255)`` on the device: no host sync
+    and no Python loop over examples. Hence: same generator state, same epoch; saving
+    ``generator.get_state()`` before an epoch and skipping ``k`` batches resumes it exactly.
+
+    ds: the dataset (on the device the batches should be on); batch_size: examples per batch;
+    shuffle: random order (else 0..N-1); augment: random crop (4-pixel zero padding) + flip;
+    drop_last: skip the last, smaller batch; generator: a torch.Generator (None: torch's global
+    RNG); channels_last: return x in channels_last memory format (faster convolutions on GPU).
+
+    >>> loader = DeviceLoader(synthetic_dataset(100), 32, generator=torch.Generator().manual_seed(0))
+    >>> [b.x.shape[0] for b in loader]
+    [32, 32, 32]
+    """
+
+    def __init__(self, ds: TensorDataset, batch_size: int, *, shuffle: bool = True, augment: bool = False,
+                 drop_last: bool = True, generator: torch.Generator | None = None,
+                 channels_last: bool = False, padding: int = 4):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if drop_last and len(ds) < batch_size:
+            raise ValueError(f"{ds.name} ({ds.split}) has {len(ds)} examples, fewer than batch_size="
+                             f"{batch_size}: with drop_last=True there would be no batch at all")
+        self.ds = ds
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last
+        self.generator = generator
+        self.channels_last = channels_last
+        self.padding = padding  # pixels of zero padding for the random crop
+
+    def __len__(self) -> int:
+        n, b = len(self.ds), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, device = len(self.ds), self.ds.x.device
+        g = self.generator
+        gdev = g.device if g is not None else "cpu"
+        if self.shuffle:
+            order = torch.randperm(n, generator=g, device=gdev).to(device)
+        else:
+            order = torch.arange(n, device=device)
+        if self.augment:  # indexed by dataset index, so a batch takes aug[idx]
+            dy, dx, flip = _draw_crop_flip(n, self.padding, g, device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.ds.x[idx]
+            if self.augment:
+                x = _crop_flip(x, dy[idx], dx[idx], flip[idx], self.padding)
+            x = x.float().div_(255)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x=x, y=self.ds.y[idx], idx=idx)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _check_name(name: str) -> str:
+    key = str(name).lower().replace("-", "")
+    if key not in DATASETS:
+        raise DataError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
+    return key
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")

@@ -1,0 +1,55 @@
+"""mixup: Zhang, Cisse, Dauphin, Lopez-Paz, "mixup: Beyond Empirical Risk Minimization",
+ICLR 2018 (arXiv 1710.09412).
+
+Trains on convex combinations of pairs of examples and of their labels:
+x̃ = λ·x_a + (1 − λ)·x_b, ỹ = λ·y_a + (1 − λ)·y_b, λ ~ Beta(α, α), partners by a batch
+permutation. As in the official code the loss is λ·CE(f(x̃), y_a) + (1 − λ)·CE(f(x̃), y_b),
+which equals the soft-label CE. One λ per batch (official code) or per example (``per_example``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, register
+
+
+def sample_lam(alpha: float, n: int, device: torch.device) -> torch.Tensor:
+    """n draws from Beta(alpha, alpha) on ``device`` (alpha <= 0 gives λ = 1: no mixing)."""
+    if alpha <= 0:
+        return torch.ones(n, device=device)
+    a = torch.tensor(float(alpha), device=device)
+    return torch.distributions.Beta(a, a).sample((n,))
+
+
+def mixup_data(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor):
+    """Mix each example with its partner ``perm``: returns (x_mix, y_a, y_b).
+    lam: (B,) mixing weights in [0, 1] (weight of the example itself)."""
+    lam_img = lam.reshape(-1, 1, 1, 1).to(x.dtype)
+    return lam_img * x + (1 - lam_img) * x[perm], y, y[perm]
+
+
+def mixup_criterion(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
+                    lam: torch.Tensor) -> torch.Tensor:
+    """λ·CE(logits, y_a) + (1 − λ)·CE(logits, y_b), batch mean, fp32. lam: (B,)."""
+    logits = logits.float()
+    ce_a = F.cross_entropy(logits, y_a, reduction="none")
+    ce_b = F.cross_entropy(logits, y_b, reduction="none")
+    return (lam * ce_a + (1 - lam) * ce_b).mean()
+
+
+@register
+class Mixup(Method):
+    name = "mixup"
+    defaults = {
+        "alpha": 1.0,            # Beta(α, α) concentration; α = 1 is uniform λ (Zhang et al.)
+        "per_example": False,    # one λ per example instead of one per batch
+    }
+    best_metric = "test_clean"
+
+    def loss(self, model, x, y, idx, *, epoch):
+        n = x.shape[0] if self.hp["per_example"] else 1
+        lam = sample_lam(self.hp["alpha"], n, x.device).expand(x.shape[0])
+        perm = torch.randperm(x.shape[0], device=x.device)
+        x_mix, y_a, y_b = mixup_data(x, y, lam, perm)
+        return mixup_criterion(model(x_mix), y_a, y_b, lam), None

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests run on CPU with one thread each (the machine has 2 cores), seeded."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped on CPU with a visible reason, never silently passed."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    """The data folder the Makefile prepared ($MIXLAB_DATA or ./data)."""
+    return Path(os.environ.get("MIXLAB_DATA", REPO / "data"))
