@@ -168,6 +168,8 @@ def cmd_prepare(args) -> None:
     tar = source / "cifar10-jpeg.tar.gz"
     if tar.exists():
         data_mod.prepare_cifar10_from_archive(tar, root)
+        for split in ("train", "test"):  # decode the JPEGs once now; later loads hit the cache
+            data_mod.load_dataset("cifar10", split, root=root)
         print(f"CIFAR-10 (JPEG copy) ready in {root}")
 
 

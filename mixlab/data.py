@@ -38,6 +38,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -67,9 +68,9 @@ _INFO = {
     "mnist": dict(num_classes=10, in_channels=1, image_size=28, train_size=60_000, test_size=10_000,
                   mean=(0.1307,), std=(0.3081,),
                   eps={"Linf": 0.3, "L2": 2.0}, classes=[str(i) for i in range(10)]),
-    # Defaults of synthetic_dataset(); mean/std are those of its generator (0.5 +- about 0.2).
+    # Defaults of synthetic_dataset(); mean/std are those of its generator (measured: 0.49 +- 0.20).
     "synthetic": dict(num_classes=10, in_channels=3, image_size=32, train_size=2048, test_size=512,
-                      mean=(0.5, 0.5, 0.5), std=(0.22, 0.22, 0.22),
+                      mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2),
                       eps={"Linf": 8 / 255, "L2": 0.5}, classes=[f"class{i}" for i in range(10)]),
 }
 
@@ -215,8 +216,7 @@ def load_dataset(name: str, split: str = "train", *, root=None, download: bool =
         info = _INFO["synthetic"]
         return synthetic_dataset(info[f"{split}_size"], split=split)
     root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
-    tv_path = _torchvision_path(name, root, split)
-    if tv_path is not None:
+    if _torchvision_path(name, root, split) is not None:
         return _read_torchvision_layout(name, root, split)
     folder = find_image_folder(root, name, split)
     if folder is not None:
@@ -435,9 +435,13 @@ def read_image_folder(folder, split: str, *, name: str | None = None) -> TensorD
             print(f"mixlab.data: decoding {len(files)} images from {split_dir} once "
                   f"(cached to {cache})", file=sys.stderr)
         try:
-            first = decode_image(read_file(str(files[0][0])), mode=ImageReadMode.UNCHANGED)
-            mode = ImageReadMode.GRAY if first.shape[0] in (1, 2) else ImageReadMode.RGB
-            x = torch.stack([decode_image(read_file(str(p)), mode=mode) for p, _ in files])
+            with warnings.catch_warnings():
+                # torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec (a
+                # new dependency); they still work, and once per image the warning is noise.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                first = decode_image(read_file(str(files[0][0])), mode=ImageReadMode.UNCHANGED)
+                mode = ImageReadMode.GRAY if first.shape[0] in (1, 2) else ImageReadMode.RGB
+                x = torch.stack([decode_image(read_file(str(p)), mode=mode) for p, _ in files])
         except RuntimeError as err:  # undecodable file or images of different sizes
             raise DataError(f"Could not read the image folder {split_dir} for '{name}': {err}\n"
                             f"All images must decode and have one size.") from err
@@ -457,6 +461,7 @@ def _save_atomic(obj, path: pathlib.Path) -> None:
     try:
         os.close(fd)
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp made it private; others read the same data folder
         os.replace(tmp, path)
     except OSError:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -493,6 +498,7 @@ def prepare_cifar10_from_archive(tar_path, root=None) -> pathlib.Path:
                 tf.extractall(tmp, filter="data")
             else:
                 tf.extractall(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; the data is for everyone who reads root
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,9 @@ from mixlab.data import (DATASETS, Batch, DataError, DeviceLoader, TensorDataset
                          dataset_info, load_dataset, prepare_cifar10_from_archive,
                          prepare_mnist_from_gz, synthetic_dataset, train_val_split)
 
+# torchvision 0.29 flags its PNG/JPEG encoders (used here to write test images) as deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
