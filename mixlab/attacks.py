@@ -226,3 +226,50 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, alpha,
                 best_kappa = torch.where(better, kappa, best_kappa)
                 best_score = torch.maximum(score, best_score)
     return (best_x, best_kappa) if return_kappa else best_x
+
+
+# ----------------------------------------------------------------------------- line search
+def boundary_bisection(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       direction: torch.Tensor, *, lo, hi, steps: int = 10,
+                       margin: str | Callable = "cw", amp: bool | None = None) -> torch.Tensor:
+    """Batched bisection along ``x + t·direction`` for the smallest t where the model is fooled.
+
+    The line search of MMA's AN-PGD and of its test-time margin estimate (Ding et al. 2020,
+    arXiv 1812.02637, ``bisection_search`` in BorealisAI/mma_training). Every example halves its
+    own interval [lo_i, hi_i] ``steps`` times, all in one forward pass per step: the probe
+    ``clamp(x + mid·direction, 0, 1)`` either counts as misclassified (``margin >= 0``; then
+    hi = mid) or not (lo = mid).
+
+    Args:
+        x: (B, C, H, W) inputs in [0, 1]. y: (B,) labels.
+        direction: (B, C, H, W), the search direction, usually of unit norm (then t is a distance
+            in pixel units, Linf or L2 as the direction was made).
+        lo, hi: floats or (B,) tensors; lo should be a t the model gets right, hi one it gets
+            wrong (the caller knows, e.g. from the PGD point it started from).
+        margin: what "misclassified" means: "cw" (``max_{j≠y} z_j - z_y >= 0``, the decision
+            itself) or "slm" (MMA's soft logit margin ``>= 0``, a little earlier) or a callable
+            ``(logits, y) -> (B,)``.
+        amp: bf16 autocast for the probes (None: on CUDA only), as in :func:`pgd`.
+    Returns:
+        (B,) tensor: hi after the search, i.e. the smallest t found to be misclassified, within
+        (hi - lo) / 2**steps above the boundary. An example never found misclassified keeps
+        its starting hi: the search reads "no boundary below hi".
+
+    >>> u = (x_adv - x) / eps                      # the PGD direction, Linf norm <= 1
+    >>> eps_star = boundary_bisection(model, x, y, u, lo=0.0, hi=eps, steps=10)
+    """
+    margin_fn = margin if callable(margin) else (lambda z, t, _k=margin: attack_loss(z, t, _k))
+    if not callable(margin) and margin not in ("cw", "slm"):
+        raise ValueError(f"margin must be 'cw', 'slm' or a callable, got {margin!r}")
+    x, direction = x.detach(), direction.detach()
+    shape = (x.shape[0],)
+    lo = torch.as_tensor(lo, dtype=torch.float32, device=x.device).expand(shape).clone()
+    hi = torch.as_tensor(hi, dtype=torch.float32, device=x.device).expand(shape).clone()
+    with eval_mode(model), autocast_for(x, amp), torch.no_grad():
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            logits = model((x + _per_example(mid, x) * direction).clamp(0, 1))
+            fooled = margin_fn(logits.float(), y) >= 0
+            hi = torch.where(fooled, mid, hi)
+            lo = torch.where(fooled, lo, mid)
+    return hi

@@ -5,6 +5,7 @@ notebooks need lives here or in the module it belongs to.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -32,8 +33,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def run_dir(notebook: str, profile: str, *parts: str, root: str | Path | None = None) -> Path:
     """``<project>/runs/<notebook>/<profile>/<parts...>``: where a notebook keeps its runs, so
-    runs of different profiles never mix and a second execution reuses finished ones."""
-    base = Path(root) if root else project_dir() / "runs"
+    runs of different profiles never mix and a second execution reuses finished ones.
+    ``$MIXLAB_RUNS`` replaces ``<project>/runs`` (the notebook tests train afresh that way)."""
+    base = Path(root or os.environ.get("MIXLAB_RUNS") or project_dir() / "runs")
     return base.joinpath(notebook, profile, *parts)
 
 

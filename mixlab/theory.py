@@ -469,7 +469,11 @@ def eps_mix(direction: torch.Tensor, x: torch.Tensor, alpha: float,
     """
     direction = direction.detach().to(x)
     dirs = direction.expand_as(x) if direction.ndim == 1 else direction
-    cos = (dirs * x).sum(1).abs() / (dirs.norm(dim=1) * x.norm(dim=1))
+    norms = dirs.norm(dim=1) * x.norm(dim=1)
+    # a zero direction (theta = 0) or input has no angle; R = 0 then, so eps_mix = 0 and the
+    # bound reads L_std >= L_std
+    cos = torch.where(norms > 0, (dirs * x).sum(1).abs() / norms.clamp_min(1e-300),
+                      torch.zeros_like(norms))
     d = x.shape[1]
     c_x = float(x.norm(dim=1).min()) / math.sqrt(d)
     m1, _ = mixing_moments(alpha, beta)

@@ -2,7 +2,10 @@
 registers itself on import. Add a method: write ``methods/<name>.py`` and import it here."""
 from .base import METHODS, Method, register, soft_cross_entropy  # noqa: F401
 from . import erm, mixup, pgd_at  # noqa: F401  (import registers)
+from . import mma  # noqa: F401
 from . import amp  # noqa: F401
+from . import fat  # noqa: F401
+from . import gairat  # noqa: F401
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,774 @@
+"""``python -m mixlab.bench``: how fast each training method runs, against a ceiling and a reference.
+
+One run, one device, one table. Each row trains for a few steps and reports training throughput in
+images per second, where one image is one training example *including its attack* (a PGD-10 step
+on a batch of 512 counts 512 images, not 5,632 forward passes). Warm-up steps are excluded and the
+device is synchronised before and after the timed window (``torch.cuda.synchronize``), so the
+figure is wall-clock time of real work, not of queued kernels.
+
+Rows:
+
+* ``ceiling``: a plain forward + backward + SGD step on one fixed on-device batch, with the same
+  arch, batch, precision and memory format as the methods: the speed of light for one pass.
+* ``reference``: PGD-10 adversarial training the way research code does it (the official GAIRAT
+  code, Zhang et al. 2021, arXiv 2010.01736): a torchvision ``DataLoader`` with CPU transforms
+  (``RandomCrop(32, 4)``, ``RandomHorizontalFlip``, ``ToTensor``) over PIL images, fp32, no
+  channels_last, no compile, and a per-example Python loop counting kappa on the host. The anchor
+  users come from.
+* every method in ``mixlab.methods.METHODS`` (``erm``, ``mixup``, ``pgd_at``, and whatever else is
+  registered when the bench runs), with its own defaults and the PGD-10 inner loop, through the same
+  public pieces the engine uses: ``get_method(name)(...)``, ``.loss(...)`` under bf16 autocast,
+  channels_last, a ``DeviceLoader`` over a device-resident dataset, an SGD step.
+* ``data_path``: ``pgd_at`` on one fixed on-device batch against ``pgd_at`` through the real
+  ``DeviceLoader``; the difference is what the data path costs (target: under 3%).
+
+Then ratios from the same run (method / ceiling, pgd_at / reference, method / pgd_at), evaluation
+throughput (PGD-20 and AutoAttack through ``mixlab.evaluate.evaluate``), peak GPU memory per row,
+and the issue-8 targets with met / not met. The JSON goes to ``results/bench-<device>-<date>.json``
+with the settings, versions, device and git commit.
+
+On a CPU the absolute speeds are not claims (speed figures come from a GPU run only), but the
+ratios are meaningful; the output says "CPU" wherever it could be mistaken for a GPU result.
+
+>>> python -m mixlab.bench                                    # GPU: PreActResNet-18, every method
+>>> python -m mixlab.bench --arch wrn-32-10 --compile
+>>> python -m mixlab.bench --quick                            # CPU, tiny sizes, < 60 s
+>>> python -m mixlab.bench --methods pgd_at,gairat --profile gairat   # top ops of gairat's steps
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import itertools
+import json
+import platform
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .evaluate import evaluate, predict
+from .methods import METHODS, get_method
+from .models import build_model
+from .train import TRAIN_DEFAULTS, load_run, pick_device, provenance, resolve_config
+
+ARCHS = ("preactresnet18", "wrn-28-4", "wrn-32-10")
+#: batch per arch on a GPU: large enough to fill an H100 (the batches of the issue's targets)
+GPU_BATCH = {"preactresnet18": 512, "wrn-28-4": 512, "wrn-32-10": 256}
+#: rows that are not methods; every registered method is a row too
+SPECIAL_ROWS = ("ceiling", "reference", "data_path")
+
+BENCH_DEFAULTS: dict[str, Any] = dict(
+    arch="preactresnet18",  # model name for mixlab.models.build_model (targets: preactresnet18, wrn-32-10)
+    methods=None,           # rows to run, e.g. ["ceiling", "pgd_at"]; None: every special row and method
+    dataset="auto",         # auto (real CIFAR-10 if present, else synthetic) | cifar10 | synthetic
+    train_n=None,           # training examples kept on the device; None: whole split (synthetic: 50,000)
+    batch_size=None,        # examples per step; None: GPU_BATCH[arch] on a GPU, 32 on a CPU
+    ref_batch_size=None,    # the reference's batch; None: 128 (research code's) on a GPU, batch_size on CPU
+    warmup=None,            # untimed steps per row (compile, cudnn autotune, allocator); None: 5 GPU, 1 CPU
+    steps=None,             # timed steps per row; None: 30 on a GPU, 3 on a CPU
+    pgd_steps=10,           # inner PGD steps of every adversarial row (methods that declare `steps`)
+    epochs=100,             # `epochs` the methods are built with; steps run in the last epoch, where
+                            # every schedule (GAIRAT's reweighting, FAT's tau, ...) is switched on
+    lr=0.01,                # SGD learning rate: small, so a short run never diverges (speed ignores it)
+    bf16=None,              # bf16 autocast for the mixlab rows; None: on for CUDA, off for CPU (as train)
+    channels_last=None,     # channels_last for the mixlab rows; None: on for CUDA, off for CPU (as train)
+    compile=False,          # torch.compile the model of the mixlab rows (never the reference)
+    ref_workers=None,       # DataLoader workers of the reference; None: 2 (GAIRAT's code) on a GPU, 0 on CPU
+    eval_n=None,            # test images for PGD-20 throughput; None: 1000 GPU, 64 CPU
+    aa_n=None,              # test images for AutoAttack standard; 0 skips it; None: 1000 GPU, 8 CPU
+    eval_batch_size=None,   # batch of the evaluation attacks; None: 500 GPU, 64 CPU
+    checkpoint=None,        # a trained run (dir or .pt) to evaluate; None: the untrained bench model
+    profile=(),             # rows whose steps are profiled with torch.profiler (top ops printed)
+    profile_steps=3,        # steps under the profiler, run after the timed window
+    device="auto",          # auto | cpu | cuda | cuda:N
+    seed=0,                 # seeds data, models and attacks
+    quick=False,            # tiny sizes (QUICK) so the bench runs on a CPU in well under a minute
+)
+
+#: --quick: a tiny model and a few small steps, for the test suite and CPU smoke runs
+QUICK: dict[str, Any] = dict(arch="tiny", train_n=512, batch_size=32, ref_batch_size=32, warmup=1,
+                             steps=3, eval_n=64, aa_n=8, eval_batch_size=64, ref_workers=0)
+
+#: issue 8's targets (H100, CIFAR-10, PGD-10 inner loop, bf16)
+TARGETS = dict(
+    pgd_at_img_per_s={"preactresnet18": 7_500, "wrn-32-10": 1_000},  # absolute, GPU only
+    pgd_at_vs_reference=8.0,       # pgd_at at least 8x the reference
+    near_pgd_at=("gairat", "amp"),  # within 5% of pgd_at's throughput
+    near_pgd_at_tolerance=0.05,
+    mma_time_vs_pgd_at=1.4,        # mma takes at most 1.4x pgd_at's time per example
+    data_path_overhead=0.03,       # the real data path costs under 3% vs a synthetic batch
+    aa_seconds_per_1000=300.0,     # AutoAttack on 1,000 images "well under" the 10-minute limit
+)
+
+
+# ----------------------------------------------------------------------------- settings
+def resolve_settings(**overrides: Any) -> dict[str, Any]:
+    """BENCH_DEFAULTS < QUICK (if quick) < keywords, then the device-dependent defaults filled in."""
+    unknown = set(overrides) - set(BENCH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown bench setting(s) {sorted(unknown)}; "
+                         f"known: {sorted(BENCH_DEFAULTS)}")
+    cfg = dict(BENCH_DEFAULTS)
+    if overrides.get("quick"):
+        cfg.update(QUICK)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    gpu = pick_device(cfg["device"]).type == "cuda"
+    fill = dict(batch_size=GPU_BATCH.get(cfg["arch"], 256) if gpu else 32,
+                warmup=5 if gpu else 1, steps=30 if gpu else 3,
+                ref_workers=2 if gpu else 0, eval_n=1000 if gpu else 64,
+                aa_n=1000 if gpu else 8, eval_batch_size=500 if gpu else 64,
+                bf16=gpu, channels_last=gpu)
+    for key, value in fill.items():
+        if cfg[key] is None:
+            cfg[key] = value
+    if cfg["ref_batch_size"] is None:
+        cfg["ref_batch_size"] = 128 if gpu else cfg["batch_size"]
+    if cfg["dataset"] not in ("auto", "cifar10", "synthetic"):
+        raise ValueError(f"dataset must be auto, cifar10 or synthetic, got {cfg['dataset']!r}")
+    cfg["profile"] = list(cfg["profile"])
+    for row in cfg["profile"]:
+        if row not in SPECIAL_ROWS and row not in METHODS:
+            raise ValueError(f"cannot profile {row!r}: not a row ({_all_rows()})")
+    if cfg["methods"] is not None:
+        cfg["methods"] = list(cfg["methods"])
+        bad = [r for r in cfg["methods"]
+               if r not in SPECIAL_ROWS and r not in METHODS and r != "eval"]
+        if bad:
+            raise ValueError(f"unknown row(s) {bad}; choose from {_all_rows() + ['eval']}")
+    return cfg
+
+
+def _all_rows() -> list[str]:
+    """Every row in table order: ceiling, reference, erm, mixup, pgd_at, other methods, data_path."""
+    first = [m for m in ("erm", "mixup", "pgd_at") if m in METHODS]
+    rest = sorted(m for m in METHODS if m not in first)
+    return ["ceiling", "reference", *first, *rest, "data_path"]
+
+
+def device_slug(device: torch.device) -> str:
+    """'cpu', or the GPU's name as a file-name slug ('nvidia-h100-80gb-hbm3')."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: Callable[[Any], Any], batches: Iterator[Any], *, warmup: int, steps: int,
+            device: torch.device, images: Callable[[Any], int]) -> dict[str, Any]:
+    """Time ``steps`` calls of ``step(next(batches))`` after ``warmup`` untimed ones.
+
+    The device is synchronised before the clock starts and before it stops, so queued GPU work
+    is counted where it runs. ``images(batch)`` counts the training examples in a batch (read
+    from shapes: no host sync). Returns img_per_s, ms_per_step, seconds, images, and the last
+    step's return value under ``"last"`` (read it only after timing: reading forces a sync).
+    """
+    out = None
+    for _ in range(warmup):
+        out = step(next(batches))
+    _sync(device)
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+        n += images(batch)
+        out = step(batch)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return dict(img_per_s=n / seconds, ms_per_step=1000 * seconds / steps, seconds=seconds,
+                images=n, steps=steps, warmup=warmup, last=out)
+
+
+def profile_steps(step: Callable[[Any], Any], batches: Iterator[Any], *, steps: int,
+                  device: torch.device, top: int = 15) -> tuple[str, list[dict[str, Any]]]:
+    """Run ``steps`` steps under ``torch.profiler``; return the printed table of the ``top`` ops
+    by self time on the device (CPU time on a CPU) and the same as a list of dicts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(next(batches))
+        _sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    try:
+        table = events.table(sort_by=key, row_limit=top)
+    except (AttributeError, KeyError, ValueError):  # older torch names the device column cuda
+        key = "self_cuda_time_total" if cuda else key
+        table = events.table(sort_by=key, row_limit=top)
+    ranked = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    ops = [dict(name=e.key, calls=e.count, self_ms=getattr(e, key, 0.0) / 1000 / steps,
+                cpu_ms=e.self_cpu_time_total / 1000 / steps) for e in ranked]
+    return table, ops
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset, MiB; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+# ----------------------------------------------------------------------------- the rows
+def _cycle(loader) -> Iterator[Any]:
+    """Batches forever: each pass is a new epoch (a new order and new augmentations)."""
+    while True:
+        yield from loader
+
+
+def _fixed_batch(ds: data_mod.TensorDataset, batch_size: int, channels_last: bool):
+    """One batch of the dataset already on the device, served forever: no data path at all."""
+    idx = torch.arange(batch_size, device=ds.device)
+    x = ds.x[idx].float().div_(255)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return itertools.repeat(data_mod.Batch(x=x, y=ds.y[idx], idx=idx))
+
+
+def method_step(method, model, optimizer, autocast, epoch: int) -> Callable[[Any], torch.Tensor]:
+    """One training step as the engine takes it: the method's loss under autocast, then SGD."""
+    def step(batch):
+        with autocast:
+            loss, _ = method.loss(model, batch.x, batch.y, batch.idx, epoch=epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def ceiling_step(model, optimizer, autocast) -> Callable[[Any], torch.Tensor]:
+    """The plain step every method pays at least once: forward, cross-entropy, backward, SGD."""
+    def step(batch):
+        with autocast:
+            loss = F.cross_entropy(model(batch.x).float(), batch.y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+# --- the reference: research code, deliberately written the way it usually is --------------------
+class PILDataset(torch.utils.data.Dataset):
+    """What ``torchvision.datasets.CIFAR10`` does with its data: an NHWC uint8 array, one PIL
+    image per item, then the CPU transform. Wraps the same uint8 pixels the bench uses."""
+
+    def __init__(self, ds: data_mod.TensorDataset, transform):
+        self.data = ds.x.cpu().permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) uint8
+        self.targets = ds.y.cpu().tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        img = self.data[i]
+        img = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        return self.transform(img), self.targets[i]
+
+
+def reference_loader(ds: data_mod.TensorDataset, batch_size: int, workers: int, seed: int):
+    """torchvision DataLoader with CPU augmentation, as in the official GAIRAT / TRADES code."""
+    import torchvision.transforms as T
+
+    size = ds.x.shape[-1]
+    transform = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+    return torch.utils.data.DataLoader(
+        PILDataset(ds, transform), batch_size=batch_size, shuffle=True, num_workers=workers,
+        drop_last=True, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_pgd(model, data, target, *, eps: float, alpha: float, steps: int):
+    """PGD-k with GAIRAT's kappa, transcribed from the official code's ``GA_PGD`` (Madry
+    category, CE loss). Its costs are the point: numpy noise built on the host, ``backward()``
+    into the model's parameters, and a Python loop over examples whose every comparison is a
+    device-to-host sync. Not for use: ``mixlab.attacks.pgd(..., return_kappa=True)`` is the same
+    attack without any of them."""
+    model.eval()
+    kappa = torch.zeros(len(data))
+    noise = np.random.uniform(-eps, eps, data.shape)
+    x_adv = (data.detach() + torch.from_numpy(noise).float().to(data.device)).clamp(0.0, 1.0)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        output = model(x_adv)
+        predict_ = output.max(1, keepdim=True)[1]
+        for p in range(len(x_adv)):
+            if predict_[p] == target[p]:
+                kappa[p] += 1
+        model.zero_grad()
+        loss_adv = F.cross_entropy(output, target)
+        loss_adv.backward()
+        eta = alpha * x_adv.grad.sign()
+        x_adv = x_adv.detach() + eta
+        x_adv = torch.min(torch.max(x_adv, data - eps), data + eps).clamp(0.0, 1.0)
+    return x_adv.detach(), kappa
+
+
+def reference_step(model, optimizer, device, *, eps: float, alpha: float, steps: int):
+    """GAIRAT's training step (without its reweighting, i.e. PGD-AT): host batch to the device,
+    the attack, then a fp32 step on the adversarial batch."""
+    def step(batch):
+        data, target = batch[0].to(device), batch[1].to(device)
+        x_adv, _ = reference_pgd(model, data, target, eps=eps, alpha=alpha, steps=steps)
+        model.train()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x_adv), target)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+# ----------------------------------------------------------------------------- the bench
+class _Bench:
+    """State shared by the rows of one run: data, one model (reset to the same weights before
+    every row), settings. Each ``row_<kind>`` returns that row's record."""
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.train_ds, self.test_ds = self._load_data()
+        self.info = data_mod.dataset_info(self.train_ds.name)
+        self.model = self._new_model()
+        if cfg["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # one set of initial weights for every row; in-place load keeps a compiled wrapper valid
+        self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.fwd_model = torch.compile(self.model) if cfg["compile"] else self.model
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"]
+                         else torch.autocast(device.type, enabled=False))
+        self.epoch = cfg["epochs"] - 1
+        self.loader = data_mod.DeviceLoader(
+            self.train_ds, cfg["batch_size"], shuffle=True, augment=True, drop_last=True,
+            generator=torch.Generator().manual_seed(cfg["seed"]),
+            channels_last=cfg["channels_last"])
+
+    def _load_data(self):
+        cfg = self.cfg
+        name = cfg["dataset"]
+        if name == "auto":
+            name = "cifar10" if data_mod.find_dataset("cifar10", "train") is not None else "synthetic"
+        if name == "cifar10":
+            train_ds = data_mod.load_dataset("cifar10", "train")
+            test_ds = data_mod.load_dataset("cifar10", "test")
+            if cfg["train_n"]:
+                train_ds = train_ds.subset(cfg["train_n"], seed=cfg["seed"])
+        else:
+            n_test = max(cfg["eval_n"], cfg["aa_n"], cfg["eval_batch_size"], 1)
+            train_ds = data_mod.synthetic_dataset(cfg["train_n"] or 50_000, seed=cfg["seed"])
+            test_ds = data_mod.synthetic_dataset(n_test, seed=cfg["seed"], split="test")
+        # the training split lives on the device (the engine's data path); the test split is
+        # sliced and moved by the evaluation
+        return train_ds.to(self.device), test_ds
+
+    def _new_model(self) -> torch.nn.Module:
+        info = data_mod.dataset_info(self.train_ds.name)
+        return build_model(self.cfg["arch"], self.train_ds.num_classes, self.train_ds.x.shape[1],
+                           mean=info["mean"], std=info["std"]).to(self.device)
+
+    def _sgd(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=self.cfg["lr"],
+                               momentum=TRAIN_DEFAULTS["momentum"],
+                               weight_decay=TRAIN_DEFAULTS["weight_decay"])
+
+    def _fresh(self) -> torch.optim.Optimizer:
+        """Reset the shared model to its initial weights and mode; a new optimizer."""
+        self.model.load_state_dict(self.init_state)
+        self.model.train()
+        return self._sgd(self.model)
+
+    def _run(self, name: str, step, batches, images=lambda b: len(b.y), *,
+             profile: bool = True) -> dict[str, Any]:
+        """Time one row, then (if asked) profile it; peak memory covers warm-up and timing."""
+        _peak_memory_reset(self.device)
+        rec = measure(step, batches, warmup=self.cfg["warmup"], steps=self.cfg["steps"],
+                      device=self.device, images=images)
+        rec["peak_mem_mib"] = _peak_memory_mib(self.device)
+        last = rec.pop("last")
+        rec["final_loss"] = float(last.float()) if last is not None else None
+        rec["finite"] = rec["final_loss"] is None or bool(np.isfinite(rec["final_loss"]))
+        if profile and name in self.cfg["profile"]:
+            table, ops = profile_steps(step, batches, steps=self.cfg["profile_steps"],
+                                       device=self.device)
+            print(f"\n== torch.profiler: {name}, {self.cfg['profile_steps']} steps ==\n{table}")
+            rec["profile_top_ops"] = ops
+        return rec
+
+    # --- rows -----------------------------------------------------------------------------
+    def row_ceiling(self) -> dict[str, Any]:
+        optimizer = self._fresh()
+        step = ceiling_step(self.fwd_model, optimizer, self.autocast)
+        batches = _fixed_batch(self.train_ds, self.cfg["batch_size"], self.cfg["channels_last"])
+        rec = self._run("ceiling", step, batches)
+        return dict(kind="ceiling", batch_size=self.cfg["batch_size"], bf16=self.cfg["bf16"],
+                    channels_last=self.cfg["channels_last"], compile=self.cfg["compile"], **rec)
+
+    def row_reference(self) -> dict[str, Any]:
+        cfg = self.cfg
+        torch.manual_seed(cfg["seed"])
+        np.random.seed(cfg["seed"])
+        model = self._new_model()  # fp32, contiguous, never compiled
+        model.load_state_dict(self.init_state)
+        model.train()
+        # the reference's data lives on the host, as a torchvision dataset's does
+        loader = reference_loader(self.train_ds, cfg["ref_batch_size"], cfg["ref_workers"],
+                                  cfg["seed"])
+        eps = self.info["eps"]["Linf"]
+        step = reference_step(model, self._sgd(model), self.device, eps=eps, alpha=eps / 4,
+                              steps=cfg["pgd_steps"])
+        rec = self._run("reference", step, _cycle(loader), images=lambda b: len(b[1]))
+        del model
+        return dict(kind="reference", batch_size=cfg["ref_batch_size"], bf16=False,
+                    channels_last=False, compile=False, workers=cfg["ref_workers"],
+                    pgd_steps=cfg["pgd_steps"], **rec)
+
+    def _method(self, name: str):
+        """The method as the engine builds it: hyperparameters from ``resolve_config`` (the
+        method's defaults, the dataset's threat model, ``steps`` = the bench's PGD steps)."""
+        cls = get_method(name)
+        hp = resolve_config(method=name, dataset=self.train_ds.name, epochs=self.cfg["epochs"],
+                            steps=self.cfg["pgd_steps"])["method_hp"]
+        method = cls(num_train=len(self.train_ds), num_classes=self.train_ds.num_classes,
+                     epochs=self.cfg["epochs"], **hp)
+        return method, hp
+
+    def row_method(self, name: str) -> dict[str, Any]:
+        torch.manual_seed(self.cfg["seed"])
+        method, hp = self._method(name)
+        step = method_step(method, self.fwd_model, self._fresh(), self.autocast, self.epoch)
+        rec = self._run(name, step, _cycle(self.loader))
+        return dict(kind="method", batch_size=self.cfg["batch_size"], epoch=self.epoch,
+                    hp=_jsonable(hp), **rec)
+
+    def row_data_path(self) -> dict[str, Any]:
+        """pgd_at through the DeviceLoader vs on one fixed on-device batch, back to back, plus
+        the loader alone (how long producing the batches takes, without training)."""
+        torch.manual_seed(self.cfg["seed"])
+        method, _ = self._method("pgd_at")
+        step = method_step(method, self.fwd_model, self._fresh(), self.autocast, self.epoch)
+        loader = self._run("data_path", step, _cycle(self.loader))
+        fixed = self._run("data_path", step, _fixed_batch(self.train_ds, self.cfg["batch_size"],
+                                                          self.cfg["channels_last"]), profile=False)
+        alone = measure(lambda b: None, _cycle(self.loader), warmup=1, steps=self.cfg["steps"],
+                        device=self.device, images=lambda b: len(b.y))
+        overhead = 1 - loader["img_per_s"] / fixed["img_per_s"]
+        return dict(kind="data_path", batch_size=self.cfg["batch_size"],
+                    img_per_s=loader["img_per_s"], synthetic_img_per_s=fixed["img_per_s"],
+                    loader_only_img_per_s=alone["img_per_s"], overhead=overhead,
+                    peak_mem_mib=loader["peak_mem_mib"], loader=loader, synthetic=fixed)
+
+    # --- evaluation -----------------------------------------------------------------------
+    def evaluation(self) -> dict[str, Any]:
+        """PGD-20 and AutoAttack standard throughput through ``mixlab.evaluate.evaluate``.
+
+        With no checkpoint the untrained bench model is attacked, with its own clean
+        predictions as labels so that every image must be attacked; an untrained model breaks
+        fast, so AutoAttack's figure is then an optimistic bound (fewer survivors reach the
+        later, costlier attacks than on a robust model)."""
+        cfg, device = self.cfg, self.device
+        if cfg["checkpoint"]:
+            model = load_run(cfg["checkpoint"], device=device).model
+            model_note = f"trained run {cfg['checkpoint']}"
+        else:
+            self.model.load_state_dict(self.init_state)
+            model = self.model
+            model_note = "untrained bench model, labels = its own predictions (optimistic for AA)"
+        model.eval()
+        n = max(cfg["eval_n"], cfg["aa_n"])
+        if n == 0:
+            return dict(skipped="eval_n = aa_n = 0")
+        x = self.test_ds.x[:n].to(device).float().div_(255)
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.test_ds.y[:n].to(device) if cfg["checkpoint"] else predict(model, x)
+        eps = self.info["eps"]["Linf"]
+        out: dict[str, Any] = dict(model=model_note, eps=eps, norm="Linf",
+                                   batch_size=cfg["eval_batch_size"])
+        # warm-up on one batch (cudnn autotune, allocator) so the figure is steady state
+        warm = min(n, cfg["eval_batch_size"])
+        evaluate(model, x[:warm], y[:warm], attacks=("pgd20",), eps=eps,
+                 batch_size=cfg["eval_batch_size"])
+        for attack, count in (("pgd20", cfg["eval_n"]), ("aa", cfg["aa_n"])):
+            if not count:
+                out[attack] = dict(skipped=f"{'eval_n' if attack == 'pgd20' else 'aa_n'} = 0")
+                continue
+            _peak_memory_reset(device)
+            _sync(device)
+            res = evaluate(model, x[:count], y[:count], attacks=(attack,), eps=eps,
+                           batch_size=cfg["eval_batch_size"], seed=cfg["seed"])
+            out[attack] = dict(n=count, img_per_s=res["img_per_s"][attack],
+                               seconds=res["seconds"][attack], accuracy=res[attack],
+                               peak_mem_mib=_peak_memory_mib(device))
+        model.train()
+        return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """Strict JSON: tuples to lists, one-element tensors and numpy scalars to numbers, NaN and
+    inf to None (JSON has no such numbers), anything else to its str."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1 or isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _versions(device: torch.device) -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return dict(numpy=np.__version__, pyautoattack=version("pyautoattack"),
+                cuda=torch.version.cuda, cudnn=(torch.backends.cudnn.version()
+                                                if device.type == "cuda" else None),
+                torch_threads=torch.get_num_threads(), machine=platform.machine())
+
+
+def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ratios of throughput within one run: each row / ceiling, each row / pgd_at,
+    pgd_at / reference, and the data path's overhead. None where a row is missing or failed."""
+    def speed(name):
+        return rows.get(name, {}).get("img_per_s")
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    names = [n for n in rows if n not in ("ceiling", "data_path")]
+    return dict(
+        vs_ceiling={n: ratio(speed(n), speed("ceiling")) for n in names},
+        vs_pgd_at={n: ratio(speed(n), speed("pgd_at")) for n in names},
+        pgd_at_vs_reference=ratio(speed("pgd_at"), speed("reference")),
+        data_path_overhead=rows.get("data_path", {}).get("overhead"))
+
+
+def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 8's targets, each with the measured value and met True / False / None (None: not
+    measured in this run, or an absolute speed measured on a CPU, which claims nothing)."""
+    rows, r, cfg = result["rows"], result["ratios"], result["config"]
+    gpu = result["device"] != "cpu"
+    checks = []
+
+    def add(name, value, goal, ok, absolute=False):
+        met = None if value is None or (absolute and not gpu) else bool(ok(value))
+        checks.append(dict(target=name, value=value, goal=goal, met=met))
+
+    goal = TARGETS["pgd_at_img_per_s"].get(cfg["arch"])
+    if goal is not None:
+        add(f"pgd_at img/s on {cfg['arch']}", rows.get("pgd_at", {}).get("img_per_s"),
+            f">= {goal}", lambda v: v >= goal, absolute=True)
+    add("pgd_at / reference", r["pgd_at_vs_reference"], f">= {TARGETS['pgd_at_vs_reference']}",
+        lambda v: v >= TARGETS["pgd_at_vs_reference"])
+    tol = TARGETS["near_pgd_at_tolerance"]
+    for name in TARGETS["near_pgd_at"]:
+        if name in rows:
+            add(f"{name} / pgd_at", r["vs_pgd_at"].get(name), f">= {1 - tol}",
+                lambda v: v >= 1 - tol)
+    if "mma" in rows:
+        limit = TARGETS["mma_time_vs_pgd_at"]
+        ratio_ = r["vs_pgd_at"].get("mma")
+        add("mma time / pgd_at time", None if not ratio_ else 1 / ratio_, f"<= {limit}",
+            lambda v: v <= limit)
+    add("data path overhead", r["data_path_overhead"], f"< {TARGETS['data_path_overhead']}",
+        lambda v: v < TARGETS["data_path_overhead"])
+    aa = result.get("eval", {}).get("aa", {})
+    if aa.get("img_per_s"):
+        add("AutoAttack seconds per 1,000 images", 1000 / aa["img_per_s"],
+            f"<= {TARGETS['aa_seconds_per_1000']}",
+            lambda v: v <= TARGETS["aa_seconds_per_1000"], absolute=True)
+    return checks
+
+
+def run_bench(**settings: Any) -> dict[str, Any]:
+    """Run the benchmark; returns the result record (what ``main`` writes as JSON).
+
+    Keywords are ``BENCH_DEFAULTS`` entries. A row that raises is recorded with its error and
+    the run goes on (methods are written in parallel; one broken file must not hide the rest).
+    """
+    cfg = resolve_settings(**settings)
+    device = pick_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    bench = _Bench(cfg, device)
+    wanted = cfg["methods"]
+    rows: dict[str, dict[str, Any]] = {}
+    for name in _all_rows():
+        if wanted is not None and name not in wanted:
+            continue
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            rows[name] = getattr(bench, f"row_{name}")() if name in SPECIAL_ROWS \
+                else bench.row_method(name)
+        except Exception as err:  # record, go on: see the docstring
+            rows[name] = dict(kind="method" if name in METHODS else name,
+                              error=f"{type(err).__name__}: {err}",
+                              traceback=traceback.format_exc(limit=4))
+            print(f"bench: {name} FAILED: {rows[name]['error']}", file=sys.stderr)
+    evaluation = bench.evaluation() if wanted is None or "eval" in wanted else {}
+    now = datetime.datetime.now()
+    prov = provenance(dict(profile="quick" if cfg["quick"] else None), device, bench.train_ds)
+    prov.update(_versions(device))
+    result = dict(
+        kind="mixlab-bench", schema=1, date=now.strftime("%Y-%m-%d"),
+        time=now.strftime("%Y-%m-%dT%H:%M:%S"), device=device_slug(device),
+        device_name=prov["device_name"],
+        label=("CPU run: absolute speeds are no claim, ratios are meaningful"
+               if device.type != "cuda" else f"GPU run on {prov['device_name']}"),
+        config=_jsonable(cfg),
+        data=dict(dataset=bench.train_ds.name, source=bench.train_ds.source,
+                  synthetic=bench.train_ds.name == "synthetic", train_n=len(bench.train_ds),
+                  test_n=len(bench.test_ds)),
+        provenance=_jsonable(prov), rows=rows)
+    result["ratios"] = ratios({k: v for k, v in rows.items() if "error" not in v})
+    result["eval"] = evaluation
+    result["targets"] = check_targets(result)
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a plain-text table: one line per row, then evaluation and targets."""
+    rows, r = result["rows"], result["ratios"]
+    head = (f"mixlab bench: {result['config']['arch']} on {result['device_name']} "
+            f"({result['label']}); data: {result['data']['dataset']}, "
+            f"{result['date']}, commit {result['provenance'].get('git_commit', '?')[:10]}")
+    lines = [head, f"{'row':<12}{'img/s':>10}{'ms/step':>10}{'batch':>7}{'/ceiling':>10}"
+                   f"{'/pgd_at':>9}{'peak MiB':>10}  note"]
+
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"{name:<12}{'FAILED':>10}  {row['error'][:80]}")
+            continue
+        note = ""
+        if name == "data_path":
+            note = (f"synthetic batch {row['synthetic_img_per_s']:.1f} img/s, overhead "
+                    f"{100 * row['overhead']:+.1f}%, loader alone {row['loader_only_img_per_s']:.0f} img/s")
+        elif name == "reference":
+            note = f"fp32, DataLoader x{row['workers']} workers, kappa loop on host"
+        ms = row.get("ms_per_step", row.get("loader", {}).get("ms_per_step"))
+        lines.append(f"{name:<12}{num(row.get('img_per_s'), '10.1f')}{num(ms, '10.1f')}"
+                     f"{row.get('batch_size', ''):>7}"
+                     f"{num(r['vs_ceiling'].get(name), '10.3f')}"
+                     f"{num(r['vs_pgd_at'].get(name), '9.3f')}"
+                     f"{num(row.get('peak_mem_mib'), '10.0f')}  {note}")
+    lines.append(f"pgd_at / reference: {num(r['pgd_at_vs_reference'], '.2f')}x")
+    for attack, rec in result.get("eval", {}).items():
+        if isinstance(rec, dict) and "img_per_s" in rec:
+            lines.append(f"eval {attack:<6} n={rec['n']:<5} {rec['img_per_s']:10.1f} img/s "
+                         f"({rec['seconds']:.1f} s, accuracy {rec['accuracy']:.3f})")
+        elif isinstance(rec, dict) and "skipped" in rec:
+            lines.append(f"eval {attack:<6} skipped ({rec['skipped']})")
+    for t in result["targets"]:
+        met = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+        value = num(t["value"], ".3f") if t["value"] is not None else "-"
+        lines.append(f"target {t['target']}: {value} (goal {t['goal']}): {met}")
+    return "\n".join(lines)
+
+
+def output_path(result: dict[str, Any], out: str | Path) -> Path:
+    """``out`` itself if it ends in .json, else ``out/bench-<device>-<date>.json`` (with
+    ``-<arch>`` for another arch than preactresnet18 and ``-quick`` for quick runs, so that
+    runs of one day do not overwrite each other)."""
+    out = Path(out)
+    if out.suffix == ".json":
+        return out
+    cfg = result["config"]
+    name = f"bench-{result['device']}-{result['date']}"
+    if cfg["arch"] != "preactresnet18" and not cfg["quick"]:
+        name += f"-{cfg['arch']}"
+    if cfg["quick"]:
+        name += "-quick"
+    return out / f"{name}.json"
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> Path:
+    path = output_path(result, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mixlab.bench",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    p.add_argument("--arch", help=f"model (default preactresnet18; targets for {', '.join(ARCHS)})")
+    p.add_argument("--methods", type=csv, help="comma-separated rows to run (default: all): "
+                   "ceiling, reference, data_path, eval, and any registered method")
+    p.add_argument("--quick", action="store_true", help="tiny sizes; runs on a CPU in < 60 s")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--ref-batch-size", type=int, help="batch of the reference (default 128 GPU)")
+    p.add_argument("--steps", type=int, help="timed steps per row")
+    p.add_argument("--warmup", type=int, help="untimed steps per row")
+    p.add_argument("--pgd-steps", type=int, help="inner PGD steps (default 10)")
+    p.add_argument("--dataset", choices=["auto", "cifar10", "synthetic"])
+    p.add_argument("--train-n", type=int, help="training examples on the device")
+    p.add_argument("--eval-n", type=int, help="test images for PGD-20 throughput")
+    p.add_argument("--aa-n", type=int, help="test images for AutoAttack (0 skips it)")
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--checkpoint", help="evaluate this trained run instead of the bench model")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--bf16", choices=["on", "off"], help="bf16 autocast (default: on for CUDA)")
+    p.add_argument("--channels-last", choices=["on", "off"], help="default: on for CUDA")
+    p.add_argument("--ref-workers", type=int, help="DataLoader workers of the reference")
+    p.add_argument("--profile", type=csv, help="rows to profile with torch.profiler")
+    p.add_argument("--profile-steps", type=int)
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", default="results", help="folder (or .json file) for the result")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line. Exit status 0, or 1 when a row failed (the JSON is written anyway)."""
+    args = vars(_parser().parse_args(argv))
+    out = args.pop("out")
+    for key in ("bf16", "channels_last"):
+        if args[key] is not None:
+            args[key] = args[key] == "on"
+    result = run_bench(**{k: v for k, v in args.items() if v is not None})
+    path = write_result(result, out)
+    print(format_table(result))
+    print(f"wrote {path}")
+    failed = [n for n, row in result["rows"].items() if "error" in row]
+    if failed:
+        print(f"bench: rows failed: {', '.join(failed)} (errors in the JSON)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,624 @@
+"""Margin explorer: walk from a test image along a direction and watch the classifier decide.
+
+The margin of a classifier at ``(x, y)`` is the distance from ``x`` to the nearest point it
+misclassifies (MMA, Ding et al. 2020, arXiv 1812.02637). This module lets you *see* it: pick a
+trained run, a test image and a direction ``u`` (unit length in the threat model's norm), then
+move along the path
+
+    x(t) = clip(x + t * u, 0, 1),      t in [0, t_max], pixel units (Linf: 8/255 = 0.0314)
+
+and watch every class's probability and logit, the predicted class, the point where the
+prediction first leaves the true class (the boundary crossing along this path) and the model's
+margin estimate (``mixlab.margins.estimate_margin``: PGD at ``max_eps`` then a bisection, the
+paper's test-time estimator; the crossing along the adversarial AN-PGD path should sit near it,
+and along any path at or beyond it). Two models are shown side by side on the same image and
+the same path. ``t`` is the nominal distance; where the clip to [0, 1] bites the true distance
+is smaller.
+
+Directions (all unit length in ``norm``):
+
+* ``"pgd"``: PGD-CE at the threat model's ``eps`` against the chosen model, then extended;
+* ``"anpgd"``: MMA's adaptive-norm PGD direction, PGD with the SLM loss at ``max_eps``;
+* ``"random"``: random signs (Linf: a corner of the cube) or a Gaussian (L2), seeded;
+* ``"image"``: the straight line towards another test image, ``t_max`` = its distance.
+
+A path is computed once, in one batched forward per model (``n_points`` points), whenever the
+image, direction or model changes; moving the slider only moves a marker and redraws one image.
+
+Pure functions (:func:`path_direction`, :func:`path_points`, :func:`path_logits`,
+:func:`first_crossing`) do the work and are usable without widgets; :class:`MarginExplorer` is the
+ipywidgets + plotly ``FigureWidget`` front end for JupyterLab, and
+:meth:`MarginExplorer.path_figure` draws the current state as a static matplotlib figure for
+headless runs (papermill, CI).
+
+>>> explorer = MarginExplorer({"erm": erm_run, "pgd_at": at_run}, x_test, y_test, classes,
+...                           norm="Linf", eps=8/255)
+>>> explorer.widget                      # display it in JupyterLab
+>>> explorer.set_direction("anpgd"); explorer.set_position(4/255)
+>>> fig = explorer.path_figure()         # matplotlib, for save_figure
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .attacks import autocast_for, boundary_bisection, cw_margin, eval_mode, pgd
+from .margins import estimate_margin
+
+#: direction keys and the labels the dropdown shows
+DIRECTIONS = {
+    "pgd": "adversarial (PGD-CE at eps)",
+    "anpgd": "adversarial (AN-PGD, SLM at max_eps)",
+    "random": "random",
+    "image": "towards another image",
+}
+NONE = "(none)"
+
+
+# ----------------------------------------------------------------------------- pure functions
+def _norm_of(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example Linf or L2 norm, shape (B,)."""
+    flat = v.flatten(1).float()
+    return flat.abs().amax(1) if norm == "Linf" else flat.norm(dim=1)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (CPU for a parameterless one)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def path_direction(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                   norm: str, eps: float, max_eps: float, steps: int = 10,
+                   x_target: torch.Tensor | None = None, seed: int = 0
+                   ) -> tuple[torch.Tensor, float, str]:
+    """A unit direction (in ``norm``) from one image, and how far the path should go.
+
+    x: (1, C, H, W) in [0, 1]; y: (1,) label; model: the model the adversarial directions are
+    computed against. ``kind`` is a key of :data:`DIRECTIONS`; ``x_target`` (1, C, H, W) is
+    needed for ``"image"``. Adversarial directions start PGD at zero (no random start), so
+    the same image always gives the same path; their step is 2.5·radius/steps (MMA's).
+    Returns ``(u, t_max, note)``: u (1, C, H, W) with ``||u|| = 1``, t_max in pixel units, and
+    a note (empty, or why a fallback was used).
+    """
+    note = ""
+    t_max = float(max_eps)
+    if kind in ("pgd", "anpgd"):
+        radius, loss = (eps, "ce") if kind == "pgd" else (max_eps, "slm")
+        x_adv = pgd(model, x, y, eps=radius, alpha=2.5 * radius / steps, steps=steps,
+                    norm=norm, loss=loss, random_start=False)
+        delta = (x_adv - x).float()
+        if float(_norm_of(delta, norm)[0]) == 0.0:
+            # a zero gradient (e.g. an untrained zero-initialised last layer): no direction
+            kind, note = "random", "the attack found no direction (zero gradient); random used"
+    elif kind == "image":
+        if x_target is None:
+            raise ValueError("direction 'image' needs x_target, the image to walk towards")
+        delta = (x_target.to(x.device) - x).float()
+        t_max = float(_norm_of(delta, norm)[0])
+        if t_max == 0.0:
+            raise ValueError("the target image equals the start image; pick another one")
+    elif kind != "random":
+        raise ValueError(f"unknown direction {kind!r}; choose one of {list(DIRECTIONS)}")
+    if kind == "random":
+        # a CPU generator: the same seed gives the same direction on every device
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(x.shape, generator=g)
+        delta = (noise.sign() if norm == "Linf" else noise).to(x.device)
+    u = delta / _norm_of(delta, norm).reshape(-1, *([1] * (x.dim() - 1)))
+    return u.to(x.dtype), t_max, note
+
+
+def path_points(x: torch.Tensor, u: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """``clip(x + t·u, 0, 1)`` for every t: x, u (1, C, H, W), ts (n,) -> (n, C, H, W)."""
+    ts = ts.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return (x + ts * u).clamp(0, 1)
+
+
+@torch.no_grad()
+def path_logits(model: torch.nn.Module, points: torch.Tensor, batch_size: int = 512,
+                amp: bool | None = None) -> torch.Tensor:
+    """Logits (n, K) in fp32 for path points (n, C, H, W), in eval mode: one forward per
+    ``batch_size`` points (one in all for the usual 101); bf16 autocast on CUDA unless
+    ``amp=False`` (as in ``mixlab.attacks.autocast_for``)."""
+    with eval_mode(model), autocast_for(points, amp):
+        return torch.cat([model(points[i:i + batch_size]).float()
+                          for i in range(0, len(points), batch_size)])
+
+
+def first_crossing(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor,
+                   ts: np.ndarray, logits: np.ndarray, search_steps: int = 10) -> float:
+    """Where the prediction first leaves class ``y`` along ``clip(x + t·u, 0, 1)``, pixel units.
+
+    The grid ``ts`` (n,) with its logits (n, K) brackets the first misclassified point (CW
+    margin ``max_{j≠y} z_j − z_y >= 0``, the decision itself); ``search_steps`` bisection
+    steps inside that grid interval (``boundary_bisection``, fp32 probes) place it to
+    (t_max / (n-1)) / 2**search_steps. x, u: (1, C, H, W); y: (1,). Returns 0 if the start is
+    already misclassified, ``nan`` if the whole path stays correct (a later crossing hidden
+    between two grid points that are both correct is missed, by design of the grid)."""
+    z = torch.as_tensor(logits, dtype=torch.float32)
+    m = cw_margin(z, y.cpu().expand(len(z))).numpy()
+    wrong = np.flatnonzero(m >= 0)
+    if len(wrong) == 0:
+        return float("nan")
+    k = int(wrong[0])
+    if k == 0:
+        return 0.0
+    t = boundary_bisection(model, x, y, u, lo=float(ts[k - 1]), hi=float(ts[k]),
+                           steps=search_steps, margin="cw", amp=False)
+    return float(t[0])
+
+
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+@dataclasses.dataclass
+class Path:
+    """One model's view of one path: ts (n,), logits and probs (n, K), pred (n,), the first
+    boundary crossing (nan: none within t_max) and the model's margin estimate at the start."""
+    ts: np.ndarray
+    logits: np.ndarray
+    probs: np.ndarray
+    pred: np.ndarray
+    crossing: float
+    margin: float
+
+
+def model_of(run: Any) -> torch.nn.Module:
+    """A ``Run`` (anything with a ``.model``) or a bare model -> the model."""
+    return run.model if hasattr(run, "model") else run
+
+
+def _to_float_image(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def image_png(img: np.ndarray, scale: int = 4) -> bytes:
+    """PNG bytes of an (C, H, W) image in [0, 1], enlarged ``scale`` times (nearest pixel)."""
+    import matplotlib.image
+
+    arr = np.clip(img, 0, 1).transpose(1, 2, 0)
+    arr = np.repeat(np.repeat(arr, scale, 0), scale, 1)
+    buf = io.BytesIO()
+    if arr.shape[2] == 1:
+        matplotlib.image.imsave(buf, arr[:, :, 0], cmap="gray", vmin=0, vmax=1, format="png")
+    else:
+        matplotlib.image.imsave(buf, arr, format="png")
+    return buf.getvalue()
+
+
+def delta_image(delta: np.ndarray) -> np.ndarray:
+    """A perturbation (C, H, W) shown around grey 0.5, scaled so its largest entry is visible."""
+    peak = float(np.abs(delta).max())
+    return 0.5 + 0.5 * delta / peak if peak > 0 else np.full_like(delta, 0.5)
+
+
+# ----------------------------------------------------------------------------- the widget app
+class MarginExplorer:
+    """ipywidgets + plotly app over trained runs (see the module docstring).
+
+    Args:
+        runs: name -> ``Run`` (from ``train_or_load`` / ``load_run``) or a bare model; models
+            stay on their device and are put in eval mode by every forward.
+        x_test: (N, C, H, W) test images, uint8 or float in [0, 1] (kept where they are; one
+            image at a time is moved to the model's device). y_test: (N,) labels.
+        classes: the K class names.
+        norm: "Linf" or "L2"; eps: the threat model's radius (pixel units), drawn as a
+            reference line and used by the PGD direction; max_eps: how far adversarial and
+            random paths go and the margin estimator's search range (default 4·eps).
+        steps: PGD steps of the directions and of the margin estimate.
+        n_points: points per path (one batched forward per model).
+        n_thumbs: thumbnails (the first test images) in the clickable grid.
+        compare: the second model's name (default: the second run; ``None`` for one panel).
+        direction, image, target, seed: the starting direction (a key of :data:`DIRECTIONS`),
+            test image index, image walked towards ("image") and random seed ("random").
+
+    Programmatic control (tests, notebooks): :meth:`set_runs`, :meth:`set_image`,
+    :meth:`set_direction`, :meth:`set_position`; state in :attr:`paths` (slot "A"/"B" ->
+    :class:`Path`), :attr:`u`, :attr:`figures`; :attr:`widget` is what to display.
+    """
+
+    def __init__(self, runs: Mapping[str, Any], x_test: torch.Tensor, y_test: torch.Tensor,
+                 classes: Sequence[str], *, norm: str = "Linf", eps: float,
+                 max_eps: float | None = None, steps: int = 10, n_points: int = 101,
+                 n_thumbs: int = 16, compare: str | None = "auto", direction: str = "anpgd",
+                 image: int = 0, target: int = 1, seed: int = 0):
+        import ipywidgets as W
+
+        if not runs:
+            raise ValueError("runs is empty: pass at least one name -> Run or model")
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"unknown norm {norm!r}; choose 'Linf' or 'L2'")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}; choose one of {list(DIRECTIONS)}")
+        self.runs = dict(runs)
+        self.x_test, self.y_test = x_test, y_test
+        self.classes = [str(c) for c in classes]
+        self.norm, self.eps = norm, float(eps)
+        self.max_eps = float(max_eps) if max_eps is not None else 4 * self.eps
+        self.steps, self.n_points = int(steps), int(n_points)
+        self.paths: dict[str, Path] = {}
+        self.u: torch.Tensor | None = None
+        self.t_max = self.max_eps
+        self.note = ""
+        self._margins: dict[tuple[str, int], float] = {}  # (run, image) -> margin estimate
+        self._quiet = False  # True while the app itself sets widget values
+        self._titles: dict[str, str] = {}  # slot -> the path part of the panel title
+        self._logit_range: dict[str, tuple[float, float]] = {}  # slot -> logit axis range
+
+        names = list(self.runs)
+        second = names[1] if len(names) > 1 else NONE
+        if compare != "auto":
+            second = compare if compare is not None else NONE
+        style = {"description_width": "initial"}
+        self.run_a = W.Dropdown(options=names, value=names[0], description="model A", style=style)
+        self.run_b = W.Dropdown(options=[NONE, *names], value=second, description="model B",
+                                style=style)
+        self.index = W.IntSlider(value=image, min=0, max=len(x_test) - 1, description="image",
+                                 continuous_update=False, style=style)
+        self.direction = W.Dropdown(options=[(label, key) for key, label in DIRECTIONS.items()],
+                                    value=direction, description="direction", style=style)
+        self.attack_on = W.Dropdown(options=names, value=names[0], description="attack on",
+                                    style=style)
+        self.target = W.BoundedIntText(value=target, min=0, max=len(x_test) - 1,
+                                       description="towards image", style=style,
+                                       layout=W.Layout(width="170px"))
+        self.seed = W.IntText(value=seed, description="seed", style=style,
+                              layout=W.Layout(width="120px"))
+        step = self.max_eps / (self.n_points - 1)
+        self.position = W.FloatSlider(value=0.0, min=0.0, max=self.max_eps, step=step,
+                                      description="t", readout_format=".4f",
+                                      continuous_update=True, style=style,
+                                      layout=W.Layout(width="60%"))
+        self.position.add_class("mixlab-position")
+        self.info = W.HTML()
+        self.image_widgets = {k: W.Image(format="png", layout=W.Layout(width="128px"))
+                              for k in ("clean", "perturbed", "delta")}
+        images = W.HBox([W.VBox([W.HTML(f"<b>{label}</b>"), self.image_widgets[k]])
+                         for k, label in (("clean", "clean x"), ("perturbed", "x(t)"),
+                                          ("delta", "x(t) − x (rescaled)"))])
+        self.figures = {slot: self._make_figure() for slot in ("A", "B")}
+        self.panels = {slot: W.VBox([self.figures[slot]]) for slot in ("A", "B")}
+        self.thumbs = self._make_thumbnails(min(n_thumbs, len(x_test)))
+
+        controls = W.VBox([
+            W.HBox([self.run_a, self.run_b]),
+            W.HBox([self.index, self.direction, self.attack_on, self.target, self.seed]),
+            W.HBox([self.position]),
+        ])
+        self.widget = W.VBox([
+            W.HTML("<h3>Margin explorer</h3>"),
+            controls,
+            W.Accordion(children=[self.thumbs], titles=("test images (click one)",)),
+            self.info,
+            W.HBox([self.panels["A"], self.panels["B"]]),
+            images,
+        ])
+        self.widget.add_class("mixlab-explorer")
+
+        for w in (self.run_a, self.run_b, self.index, self.direction, self.attack_on,
+                  self.target, self.seed):
+            w.observe(self._on_setting, names="value")
+        self.position.observe(self._on_position, names="value")
+        self.recompute()
+
+    # ------------------------------------------------------------------ programmatic control
+    def set_runs(self, a: str, b: str | None = None) -> None:
+        """Show run ``a`` (left) and ``b`` (right; None: one panel)."""
+        with self._hold():
+            self.run_a.value = a
+            self.run_b.value = b if b is not None else NONE
+        self.recompute()
+
+    def set_image(self, index: int) -> None:
+        """Start from test image ``index``."""
+        with self._hold():
+            self.index.value = int(index)
+        self.recompute()
+
+    def set_direction(self, kind: str, *, target: int | None = None, seed: int | None = None,
+                      attack_on: str | None = None) -> None:
+        """Walk along ``kind`` (a key of :data:`DIRECTIONS`); ``target``: the image index for
+        "image"; ``seed`` for "random"; ``attack_on``: the run adversarial directions attack."""
+        with self._hold():
+            self.direction.value = kind
+            if target is not None:
+                self.target.value = int(target)
+            if seed is not None:
+                self.seed.value = int(seed)
+            if attack_on is not None:
+                self.attack_on.value = attack_on
+        self.recompute()
+
+    def set_position(self, t: float) -> None:
+        """Move the slider to distance ``t`` (pixel units; snapped to the path's grid)."""
+        self.position.value = float(t)  # the observer updates the figures
+
+    @property
+    def step(self) -> int:
+        """The grid index of the slider's position."""
+        return int(round(self.position.value / max(self.position.step, 1e-12)))
+
+    # ------------------------------------------------------------------ computation
+    def shown(self) -> dict[str, str]:
+        """Slot -> run name of the panels on screen."""
+        out = {"A": self.run_a.value}
+        if self.run_b.value != NONE:
+            out["B"] = self.run_b.value
+        return out
+
+    def _image(self, index: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _to_float_image(self.x_test[index:index + 1]).to(device)
+        return x, self.y_test[index:index + 1].to(device=device, dtype=torch.long)
+
+    def _margin(self, name: str, index: int) -> float:
+        """The margin estimate of ``name`` at image ``index`` (cached: direction-free)."""
+        key = (name, index)
+        if key not in self._margins:
+            model = model_of(self.runs[name])
+            x, y = self._image(index, model_device(model))
+            eps = estimate_margin(model, x, y, norm=self.norm, max_eps=self.max_eps,
+                                  steps=self.steps)
+            self._margins[key] = float(eps.flatten()[0])
+        return self._margins[key]
+
+    def recompute(self) -> None:
+        """New direction and paths (one batched forward per shown model), then redraw."""
+        index = self.index.value
+        attacker = model_of(self.runs[self.attack_on.value])
+        device = model_device(attacker)
+        x, y = self._image(index, device)
+        target = self.target.value
+        if self.direction.value == "image" and target == index:
+            target = (index + 1) % len(self.x_test)
+        x_target = self._image(target, device)[0] if self.direction.value == "image" else None
+        try:
+            self.u, self.t_max, self.note = path_direction(
+                self.direction.value, attacker, x, y, norm=self.norm, eps=self.eps,
+                max_eps=self.max_eps, steps=self.steps, x_target=x_target, seed=self.seed.value)
+        except ValueError as err:  # e.g. a duplicate target image: say so, walk randomly
+            self.u, self.t_max, _ = path_direction(
+                "random", attacker, x, y, norm=self.norm, eps=self.eps, max_eps=self.max_eps,
+                seed=self.seed.value)
+            self.note = f"{err}; random used"
+        ts = torch.linspace(0, self.t_max, self.n_points)
+        self.paths = {}
+        for slot, name in self.shown().items():
+            model = model_of(self.runs[name])
+            dev = model_device(model)
+            xm, ym = self._image(index, dev)
+            um = self.u.to(dev)
+            logits = path_logits(model, path_points(xm, um, ts)).cpu().numpy()
+            self.paths[slot] = Path(
+                ts=ts.numpy(), logits=logits, probs=softmax_np(logits), pred=logits.argmax(1),
+                crossing=first_crossing(model, xm, ym, um, ts.numpy(), logits),
+                margin=self._margin(name, index))
+        self._points = path_points(x, self.u, ts).float().cpu().numpy()  # for the image views
+        with self._hold():
+            self.position.max = self.t_max
+            self.position.step = self.t_max / (self.n_points - 1)
+            self.position.value = min(self.position.value, self.t_max)
+        self._redraw_paths()
+        self._redraw_position()
+
+    # ------------------------------------------------------------------ drawing
+    def _colors(self) -> list[str]:
+        import plotly.colors
+
+        palette = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.Dark24
+        return [palette[k % len(palette)] for k in range(len(self.classes))]
+
+    def _make_figure(self):
+        """Three stacked panels sharing t: probabilities, logits, predicted class. Traces:
+        K probability lines, K logit lines, the predicted-class markers, then the position
+        marker (one vertical line per panel, the only traces the slider moves)."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        base = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05,
+                             row_heights=[0.42, 0.42, 0.16])
+        fig = go.FigureWidget(base)
+        colors = self._colors()
+        for row, what in ((1, "prob"), (2, "logit")):
+            for k, name in enumerate(self.classes):
+                fig.add_scatter(x=[], y=[], mode="lines", name=name, legendgroup=name,
+                                showlegend=row == 1, line=dict(color=colors[k], width=1.5),
+                                meta=what, row=row, col=1)
+        fig.add_scatter(x=[], y=[], mode="markers", name="predicted", showlegend=False,
+                        marker=dict(size=5), meta="pred", row=3, col=1)
+        for row in (1, 2, 3):
+            fig.add_scatter(x=[0, 0], y=[0, 1], mode="lines", showlegend=False,
+                            line=dict(color="black", width=2), meta="position",
+                            hoverinfo="skip", row=row, col=1)
+        fig.update_yaxes(title_text="probability", range=[0, 1.02], row=1, col=1)
+        fig.update_yaxes(title_text="logit", row=2, col=1)
+        fig.update_yaxes(title_text="argmax", type="category", row=3, col=1,
+                         categoryorder="array", categoryarray=self.classes)
+        unit = "Linf" if self.norm == "Linf" else "L2"
+        fig.update_xaxes(title_text=f"t ({unit} distance, pixel units)", row=3, col=1)
+        fig.update_layout(width=560, height=560, margin=dict(l=60, r=10, t=60, b=40),
+                          legend=dict(font=dict(size=10)), title=dict(font=dict(size=13)))
+        return fig
+
+    def trace_index(self, meta: str) -> list[int]:
+        """Indices of the figure traces tagged ``meta`` ("prob", "logit", "pred", "position")."""
+        return [i for i, tr in enumerate(self.figures["A"].data) if tr.meta == meta]
+
+    def _fmt(self, t: float) -> str:
+        """A distance for humans: Linf also in 1/255 units."""
+        if math.isnan(t):
+            return "none"
+        return f"{t:.4f} ({t * 255:.1f}/255)" if self.norm == "Linf" else f"{t:.3f}"
+
+    def _fmt_margin(self, m: float) -> str:
+        # estimate_margin returns max_eps itself for "no boundary found up to max_eps"
+        return f"≥ {self._fmt(self.max_eps)}" if m >= self.max_eps else self._fmt(m)
+
+    def _reference_lines(self, p: Path) -> list[tuple[str, float, str, str]]:
+        """(what, t, colour, dash) of the vertical lines drawn on every panel."""
+        lines = [("eps", self.eps, "grey", "dot"), ("crossing", p.crossing, "red", "dash")]
+        if p.margin < self.max_eps:
+            lines.append(("margin est.", p.margin, "green", "dot"))
+        return [line for line in lines if not math.isnan(line[1]) and line[1] <= self.t_max]
+
+    def _redraw_paths(self) -> None:
+        """Draw the whole path in every shown panel (after a recompute)."""
+        shown = self.shown()
+        self.panels["B"].layout.display = None if "B" in shown else "none"
+        label = int(self.y_test[self.index.value])
+        colors = self._colors()
+        self._titles, self._logit_range = {}, {}
+        for slot, name in shown.items():
+            p, fig = self.paths[slot], self.figures[slot]
+            lo, hi = float(p.logits.min()), float(p.logits.max())
+            pad = 0.05 * (hi - lo) + 1e-3
+            self._logit_range[slot] = (lo - pad, hi + pad)
+            with fig.batch_update():
+                for i in self.trace_index("prob") + self.trace_index("logit"):
+                    tr = fig.data[i]
+                    k = self.classes.index(tr.name)
+                    tr.x = p.ts
+                    tr.y = (p.probs if tr.meta == "prob" else p.logits)[:, k]
+                    tr.line.width = 3.5 if k == label else 1.5  # the true class stands out
+                pred = fig.data[self.trace_index("pred")[0]]
+                pred.x, pred.y = p.ts, [self.classes[c] for c in p.pred]
+                pred.marker.color = [colors[c] for c in p.pred]
+                fig.layout.shapes = [
+                    dict(type="line", xref="x", yref="paper", x0=t, x1=t, y0=0, y1=1,
+                         name=what, line=dict(color=color, dash=dash, width=1.5))
+                    for what, t, color, dash in self._reference_lines(p)]
+                fig.layout.xaxis3.range = [0, self.t_max]
+                fig.layout.yaxis2.range = list(self._logit_range[slot])
+            run = self.runs[name]
+            method = f" [{run.config.get('method', '?')}]" if hasattr(run, "config") else ""
+            self._titles[slot] = (f"{slot}: {name}{method}; crossing {self._fmt(p.crossing)}, "
+                                  f"margin est. {self._fmt_margin(p.margin)}")
+
+    def _redraw_position(self) -> None:
+        """Move the markers and the perturbed image to the slider's position (no forward)."""
+        k = min(self.step, self.n_points - 1)
+        t = float(self.paths["A"].ts[k])
+        label = int(self.y_test[self.index.value])
+        for slot in self.shown():
+            p, fig = self.paths[slot], self.figures[slot]
+            c = int(p.pred[k])
+            spans = ([0, 1], list(self._logit_range[slot]), [self.classes[0], self.classes[-1]])
+            with fig.batch_update():
+                for i, span in zip(self.trace_index("position"), spans):
+                    fig.data[i].x, fig.data[i].y = [t, t], span
+                verdict = "correct" if c == label else "WRONG"
+                fig.layout.title.text = (f"{self._titles[slot]}<br>at t = {self._fmt(t)}: "
+                                         f"{self.classes[c]} (p = {p.probs[k, c]:.2f}, {verdict})")
+        x0, xt = self._points[0], self._points[k]
+        self.image_widgets["clean"].value = image_png(x0)
+        self.image_widgets["perturbed"].value = image_png(xt)
+        self.image_widgets["delta"].value = image_png(delta_image(xt - x0))
+        note = f" <i>{self.note}</i>" if self.note else ""
+        self.info.value = (
+            f"image #{self.index.value}, true class <b>{self.classes[label]}</b>; direction: "
+            f"{DIRECTIONS[self.direction.value]}; t from 0 to {self._fmt(self.t_max)}, eps "
+            f"{self._fmt(self.eps)}. Lines: grey = eps, red = first boundary crossing on this "
+            f"path, green = margin estimate (PGD at max_eps + bisection).{note}")
+
+    def _make_thumbnails(self, n: int):
+        """A grid of the first ``n`` test images; clicking one selects it."""
+        import ipywidgets as W
+
+        cells = []
+        for i in range(n):
+            img = _to_float_image(self.x_test[i]).cpu().numpy()
+            button = W.Button(description=f"#{i} {self.classes[int(self.y_test[i])]}",
+                              layout=W.Layout(width="96px"))
+            button.on_click(lambda _b, i=i: self.set_image(i))
+            cells.append(W.VBox([W.Image(value=image_png(img, scale=2), format="png",
+                                         layout=W.Layout(width="64px")), button]))
+        return W.GridBox(cells, layout=W.Layout(
+            grid_template_columns="repeat(8, 100px)", grid_gap="4px"))
+
+    # ------------------------------------------------------------------ events
+    def _hold(self):
+        """Context: widget values set by the app itself do not trigger recomputes."""
+        explorer = self
+
+        class _Hold:
+            def __enter__(self):
+                self.prev, explorer._quiet = explorer._quiet, True
+
+            def __exit__(self, *exc):
+                explorer._quiet = self.prev
+
+        return _Hold()
+
+    def _on_setting(self, change) -> None:
+        if not self._quiet:
+            self.recompute()
+
+    def _on_position(self, change) -> None:
+        if not self._quiet and self.paths:
+            self._redraw_position()
+
+    # ------------------------------------------------------------------ static figure
+    def path_figure(self, positions: Sequence[float] | None = None):
+        """The current paths as a static matplotlib figure (for ``save_figure`` and headless
+        runs): per shown model, probabilities and logits along t with the eps line, the
+        crossing and the margin estimate; below, the image at a few positions (default: the
+        start, the slider's position, the first crossing of model A, the end)."""
+        import matplotlib.pyplot as plt
+
+        shown = self.shown()
+        label = int(self.y_test[self.index.value])
+        colors = self._colors()
+        a = self.paths["A"]
+        if positions is None:
+            positions = [0.0, float(a.ts[min(self.step, self.n_points - 1)])]
+            if not math.isnan(a.crossing):
+                positions.append(a.crossing)
+            positions.append(self.t_max)
+        fig = plt.figure(figsize=(11, 3.0 * len(shown) + 2.4), layout="constrained")
+        grid = fig.add_gridspec(len(shown) + 1, 2 * len(positions),
+                                height_ratios=[3.0] * len(shown) + [2.0])
+        half = len(positions)
+        for row, (slot, name) in enumerate(shown.items()):
+            p = self.paths[slot]
+            for col, (values, ylabel) in enumerate(((p.probs, "probability"),
+                                                    (p.logits, "logit"))):
+                ax = fig.add_subplot(grid[row, col * half:(col + 1) * half])
+                for k, cname in enumerate(self.classes):
+                    ax.plot(p.ts, values[:, k], color=colors[k], lw=2.5 if k == label else 1,
+                            label=cname)
+                for what, t, color, dash in self._reference_lines(p):
+                    ax.axvline(t, color=color, ls=":" if dash == "dot" else "--", lw=1.2,
+                               label=what)
+                ax.set_xlim(0, self.t_max)
+                ax.set_ylabel(ylabel)
+                ax.set_xlabel(f"t ({self.norm}, pixel units)")
+                ax.set_title(f"{slot}: {name}, crossing {self._fmt(p.crossing)}, "
+                             f"margin est. {self._fmt_margin(p.margin)}", fontsize=9)
+                if row == 0 and col == 1:
+                    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        x, _ = self._image(self.index.value, torch.device("cpu"))
+        imgs = path_points(x, self.u.cpu().to(x.dtype), torch.tensor(positions))
+        preds = {}  # slot -> predicted class at each shown position (a forward: exact t)
+        for slot, name in shown.items():
+            model = model_of(self.runs[name])
+            # fp32, as the bisection that placed the crossing judged it
+            logits = path_logits(model, imgs.to(model_device(model)), amp=False)
+            preds[slot] = logits.argmax(1).tolist()
+        for j, (t, img) in enumerate(zip(positions, imgs.numpy())):
+            ax = fig.add_subplot(grid[-1, 2 * j:2 * j + 2])
+            ax.imshow(img.transpose(1, 2, 0).squeeze(), cmap="gray" if img.shape[0] == 1
+                      else None, vmin=0, vmax=1, interpolation="nearest")
+            preds_j = ", ".join(f"{s}: {self.classes[preds[s][j]]}" for s in shown)
+            ax.set_title(f"t={self._fmt(t)}\n{preds_j}", fontsize=8)
+            ax.axis("off")
+        fig.suptitle(f"image #{self.index.value} ({self.classes[label]}), direction: "
+                     f"{DIRECTIONS[self.direction.value]}", fontsize=11)
+        return fig

@@ -1,0 +1,226 @@
+"""MMA training: Ding, Sharma, Lui, Huang, "MMA Training: Direct Input Space Margin
+Maximization through Adversarial Training", ICLR 2020 (arXiv 1812.02637). Official code:
+BorealisAI/mma_training (anpgd.py, trainer.py, config.py).
+
+What it optimises: the input-space margin d(x, y), the distance from x to the nearest input
+the model misclassifies, up to a cap d_max. For each correctly classified example, AN-PGD
+("adaptive-norm PGD") finds the point x + ε*·u on the decision boundary closest to x along a
+PGD direction u; cross-entropy at that point pushes the boundary away from x, with each example
+at its own radius ε* instead of one fixed ε for all:
+
+    MMA  = (Σ_{correct, ε* < d_max} CE(f(x + ε*·u), y) + Σ_{wrong} CE(f(x), y)) / B
+    loss = (1 − c)·MMA + c·mean CE(f(x), y)        c = 1/3 ("MMA-d_max"), c = 0: OMMA
+
+AN-PGD per correct example i, with ε_i the example's margin estimate kept across epochs by its
+dataset index (starting at ``mineps``): PGD at radius ε_i, step 2.5·ε_i/steps, SLM loss
+(logsumexp_{j≠y} z_j − z_y); u = (x_adv − x)/ε_i; bisection (``search_steps``, clamped to
+[0, 1]) along u in [0, max_eps] for the smallest ε at which SLM ≥ 0; max_eps = 1.05·d_max;
+ε* becomes the new ε_i (0 for clean-misclassified examples, as in the official trainer).
+
+Distance measure: Linf or L2 (``norm``), pixel units (d_max 32/255 Linf, 2.0 L2 on CIFAR-10).
+Shapes: x (B, C, H, W) in [0, 1], y and idx (B,); the stored ε is (num_train,) on the device.
+
+Choices where the official code leaves room (the papers.md spec decides the first two):
+the bisection returns the smallest ε *found* misclassified (the official code returns its last
+midpoint, either side of the boundary: the two differ by < max_eps/2**10); the training point
+x + ε*·u is clamped to [0, 1] like every probe of the search; the search and the validation
+margins run with the model in eval mode (the official search ran in train mode).
+
+>>> model, history = train(**PRESETS["cifar10-linf"]["short"], run_dir="runs/mma")
+>>> model, history = train(method="mma", norm="L2", d_max=2.0, profile="smoke")
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..attacks import attack_loss, boundary_bisection, eval_mode, pgd, slm_margin
+from .base import Method, register
+
+#: the paper's CIFAR-10 hinge and starting radius per norm (used when d_max / mineps are None)
+CIFAR10_THREAT = {"Linf": dict(d_max=32 / 255, mineps=0.005),
+                  "L2": dict(d_max=2.0, mineps=0.5)}
+
+
+def anpgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *,
+          norm: str, max_eps: float, steps: int, search_steps: int = 10,
+          step_scale: float = 2.5, margin: str = "slm") -> tuple[torch.Tensor, torch.Tensor]:
+    """AN-PGD: the boundary point nearest to x along a PGD direction, per example.
+
+    Args:
+        x: (B, C, H, W) in [0, 1]; y: (B,) labels; eps: (B,) PGD radius per example (the
+            previous margin estimate), pixel units, in (0, max_eps].
+        max_eps: upper end of the search, pixel units. steps: PGD iterations (step size
+            step_scale·eps/steps). search_steps: bisection steps.
+        margin: when a probe counts as misclassified: "slm" (training, as the paper) or "cw"
+            (the decision itself; test-time margins).
+    Returns:
+        (x_adv, eps_star): x_adv = clamp(x + eps_star·u, 0, 1), (B, C, H, W), detached;
+        eps_star (B,): the smallest misclassifying radius found along u, or max_eps if none.
+    """
+    x_pgd = pgd(model, x, y, eps=eps, alpha=step_scale * eps / steps, steps=steps, norm=norm,
+                loss="slm")
+    # u has norm <= 1 (== 1 unless the box clipped it): t·u is a perturbation of size <= t
+    direction = (x_pgd - x) / eps.clamp_min(1e-12).reshape(-1, *([1] * (x.dim() - 1)))
+    with eval_mode(model), torch.no_grad():
+        fooled = attack_loss(model(x_pgd), y, margin) >= 0
+    # the PGD point is one probe already: the boundary lies below eps if it fooled the
+    # model, above it otherwise
+    eps_star = boundary_bisection(model, x, y, direction, lo=torch.where(fooled, 0.0, eps),
+                                  hi=torch.where(fooled, eps, max_eps), steps=search_steps,
+                                  margin=margin)
+    x_adv = (x + eps_star.reshape(-1, *([1] * (x.dim() - 1))) * direction).clamp(0, 1)
+    return x_adv.detach(), eps_star
+
+
+def mma_loss(logits_adv: torch.Tensor, logits_clean: torch.Tensor, y: torch.Tensor,
+             correct: torch.Tensor, eps_star: torch.Tensor, *, d_max: float,
+             clean_coeff: float) -> torch.Tensor:
+    """(1 − c)·MMA + c·clean CE, fp32 scalar.
+
+    logits_adv: (B, K) at the AN-PGD points of the clean-correct examples and at the clean
+    points of the others; logits_clean: (B, K); correct: (B,) bool; eps_star: (B,).
+    An AN-PGD point counts only while its margin is below d_max (the hinge)."""
+    ce = F.cross_entropy(logits_adv.float(), y, reduction="none")
+    counted = ~correct | (eps_star < d_max)
+    mma = (ce * counted).sum() / len(y)
+    if clean_coeff == 0:  # OMMA: no clean term (and no graph for it was built)
+        return mma
+    return (1 - clean_coeff) * mma + clean_coeff * F.cross_entropy(logits_clean.float(), y)
+
+
+@register
+class MMA(Method):
+    """Max-Margin Adversarial training (MMA-d_max; OMMA with clean_coeff=0)."""
+    name = "mma"
+    defaults = {
+        "norm": "Linf",          # threat model of AN-PGD: "Linf" or "L2"
+        "d_max": None,           # hinge: margins beyond it earn no loss, pixel units;
+                                 # None: the paper's CIFAR-10 value (32/255 Linf, 2.0 L2)
+        "mineps": None,          # starting (and smallest) PGD radius of AN-PGD, pixel units;
+                                 # None: CIFAR-10's (0.005 Linf, 0.5 L2)
+        "steps": 10,             # PGD iterations of AN-PGD (nb_iter; 40 on MNIST)
+        "step_scale": 2.5,       # PGD step = step_scale·eps_i/steps (eps_iter_scale)
+        "search_steps": 10,      # bisection steps along the PGD direction
+        "max_eps_factor": 1.05,  # the search runs up to max_eps = max_eps_factor·d_max
+        "clean_coeff": 1 / 3,    # c in (1 − c)·MMA + c·clean CE; 0 gives OMMA
+    }
+    # the best checkpoint is the one with the largest mean margin on the evaluation split
+    # (the validation split when val_size > 0), as the official train.py picks it
+    best_metric = "mean_margin"
+    profiles = {  # CIFAR-10; MNIST and L2 runs: see PRESETS
+        "smoke": dict(val_size=256),
+        "short": dict(val_size=5000, test_subset=1000),
+        # 50k steps of batch 128 on 45k images = 143 epochs; lr 0.3 → 0.09 (20k steps)
+        # → 0.03 (30k) → 0.009 (40k)
+        "paper": dict(model="wrn-28-4", epochs=143, batch_size=128, optimizer="sgd", lr=0.3,
+                      momentum=0.9, weight_decay=2e-4, schedule="piecewise",
+                      milestones=(0.4, 0.6, 0.8), lr_factors=(0.3, 0.1, 0.03),
+                      val_size=5000, test_subset=None),
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        hp = self.hp
+        if hp["norm"] not in CIFAR10_THREAT:
+            raise ValueError(f"norm must be 'Linf' or 'L2', got {hp['norm']!r}")
+        for key in ("d_max", "mineps"):
+            if hp[key] is None:
+                hp[key] = CIFAR10_THREAT[hp["norm"]][key]
+        self.max_eps = hp["max_eps_factor"] * hp["d_max"]
+        if not 0 < hp["mineps"] <= self.max_eps:
+            raise ValueError(f"mineps={hp['mineps']} must lie in (0, max_eps={self.max_eps:.4g}]")
+        # ε_i of every training example (index = dataset index); moved to the data's device
+        # on first use, saved in checkpoints through state_dict
+        self.eps = torch.full((self.num_train,), float(hp["mineps"]))
+
+    def loss(self, model, x, y, idx, *, epoch):
+        hp = self.hp
+        if self.eps.device != x.device:
+            self.eps = self.eps.to(x.device)
+        # clean pass in train mode, as the official trainer (its CE is the c-term); "correct"
+        # uses the SLM margin, stricter than argmax: SLM < 0 implies z_y is the largest
+        with torch.set_grad_enabled(hp["clean_coeff"] > 0):
+            logits_clean = model(x)
+        correct = slm_margin(logits_clean.detach().float(), y) < 0
+        eps_prev = self.eps[idx].clamp(hp["mineps"], self.max_eps)
+        x_adv, eps_star = anpgd(model, x, y, eps_prev, norm=hp["norm"], max_eps=self.max_eps,
+                                steps=hp["steps"], search_steps=hp["search_steps"],
+                                step_scale=hp["step_scale"])
+        # every example runs AN-PGD (no boolean indexing: that would sync with the host);
+        # the clean-misclassified ones then train on their clean point
+        eps_star = torch.where(correct, eps_star, torch.zeros_like(eps_star))
+        logits_adv = model(torch.where(correct.reshape(-1, 1, 1, 1), x_adv, x))
+        self.eps[idx] = eps_star
+        loss = mma_loss(logits_adv, logits_clean, y, correct, eps_star, d_max=hp["d_max"],
+                        clean_coeff=hp["clean_coeff"])
+        # logits of the clean batch: the engine's train_acc is then the clean training accuracy
+        # (at the AN-PGD points accuracy is ~0 by construction)
+        return loss, logits_clean
+
+    def epoch_end(self, epoch):
+        return {"eps": self.eps.float().cpu().numpy(),
+                "d_max": np.float32(self.hp["d_max"]), "max_eps": np.float32(self.max_eps)}
+
+    def evaluate_extra(self, model, x, y, batch_size: int = 500):
+        """Mean margin on the evaluation split: AN-PGD started at max_eps, decided by the
+        argmax (the official "ANPGD for test"), 0 for misclassified points."""
+        hp, total = self.hp, torch.zeros((), device=x.device)
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            with eval_mode(model), torch.no_grad():
+                correct = model(xb).float().argmax(1) == yb
+            _, eps = anpgd(model, xb, yb, torch.full_like(yb, self.max_eps, dtype=torch.float32),
+                           norm=hp["norm"], max_eps=self.max_eps, steps=hp["steps"],
+                           search_steps=hp["search_steps"], step_scale=hp["step_scale"],
+                           margin="cw")
+            total += (eps * correct).sum()
+        return {"mean_margin": total.item() / max(1, len(x))}
+
+    def state_dict(self):
+        return {"eps": self.eps}
+
+    def load_state_dict(self, state):
+        if "eps" not in state:
+            return
+        if len(state["eps"]) != self.num_train:
+            raise ValueError(f"the checkpoint holds margins for {len(state['eps'])} training "
+                             f"examples, this run has {self.num_train}: same data settings "
+                             f"(train_subset, val_size, seed) are needed to resume")
+        self.eps = state["eps"].detach().clone()
+
+
+# --------------------------------------------------------------------------- presets
+# Settings per dataset and profile, on top of the engine's profile. "paper" is the official
+# config.py / train.py: CIFAR-10 above (MMA.profiles); MNIST LeNet5-Madry, Adam 1e-4, batch 50,
+# 100k steps (91 epochs of 55k images), nb_iter 40. smoke: CPU, seconds; short: GPU, minutes.
+_DATASET_PROFILES = {
+    "cifar10": MMA.profiles,
+    "mnist": {
+        "smoke": dict(model="smallcnn", optimizer="adam", lr=1e-3, weight_decay=0.0,
+                      schedule="constant", val_size=256, steps=10),
+        "short": dict(model="lenet5-madry", epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
+                      weight_decay=0.0, schedule="constant", val_size=5000, test_subset=1000,
+                      steps=20),
+        "paper": dict(model="lenet5-madry", epochs=91, batch_size=50, optimizer="adam", lr=1e-4,
+                      weight_decay=0.0, schedule="constant", val_size=5000, test_subset=None,
+                      steps=40),
+    },
+}
+# The paper's hinge d_max and starting radius mineps (CIFAR-10 MMA-32 / MMA-2.0; MNIST MMA-0.45
+# Linf, MMA-4.0 L2)
+_THREATS = {
+    ("cifar10", "Linf"): CIFAR10_THREAT["Linf"],
+    ("cifar10", "L2"): CIFAR10_THREAT["L2"],
+    ("mnist", "Linf"): dict(d_max=0.45, mineps=0.1),
+    ("mnist", "L2"): dict(d_max=4.0, mineps=0.5),
+}
+#: keyword arguments for ``train``: PRESETS["<dataset>-<norm>"][profile]
+PRESETS = {
+    f"{dataset}-{norm.lower()}": {
+        profile: dict(method="mma", dataset=dataset, norm=norm, profile=profile,
+                      **settings, **_THREATS[dataset, norm])
+        for profile, settings in _DATASET_PROFILES[dataset].items()}
+    for dataset, norm in _THREATS
+}
