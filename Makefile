@@ -12,7 +12,7 @@ PROFILE ?= $(shell $(PY) -c "import torch; print('short' if torch.cuda.is_availa
 DEMO_NOTEBOOK ?= quickstart
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup data notebooks bench clean help
+.PHONY: demo test setup data browser notebooks bench clean help
 
 help:
 	@echo "make demo   - set up .venv and data, run notebooks/$(DEMO_NOTEBOOK).ipynb (profile: smoke on CPU, short on CUDA)"
@@ -26,7 +26,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,browser]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $(STAMP)
 
@@ -45,7 +45,20 @@ demo: setup data
 	    -p profile $(PROFILE) --cwd notebooks
 	@echo "executed notebook: runs/$(DEMO_NOTEBOOK).ipynb; figures: figures/"
 
-test: setup data
+# The margin explorer's browser test drives Debian's Chromium with Playwright (no browser
+# download): install it once where we may (root with apt-get); elsewhere the test is skipped
+# and says why.
+BROWSER_STAMP := $(VENV)/.mixlab-browser
+browser: $(BROWSER_STAMP)
+$(BROWSER_STAMP): | $(STAMP)
+	if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; \
+	  else echo "no /usr/bin/chromium and not root: the browser test will be skipped"; fi; \
+	fi
+	touch $(BROWSER_STAMP)
+
+test: setup data browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 notebooks: setup data

@@ -97,7 +97,7 @@ BENCH_DEFAULTS: dict[str, Any] = dict(
 
 #: --quick: a tiny model and a few small steps, for the test suite and CPU smoke runs
 QUICK: dict[str, Any] = dict(arch="tiny", train_n=512, batch_size=32, ref_batch_size=32, warmup=1,
-                             steps=3, eval_n=64, aa_n=8, eval_batch_size=64, ref_workers=0)
+                             steps=2, eval_n=64, aa_n=4, eval_batch_size=64, ref_workers=0)
 
 #: issue 8's targets (H100, CIFAR-10, PGD-10 inner loop, bf16)
 TARGETS = dict(
@@ -638,6 +638,9 @@ def run_bench(**settings: Any) -> dict[str, Any]:
     now = datetime.datetime.now()
     prov = provenance(dict(profile="quick" if cfg["quick"] else None), device, bench.train_ds)
     prov.update(_versions(device))
+    if device.type != "cuda":  # platform.processor() is often empty on Linux
+        cpu = prov["device_name"] or platform.machine()
+        prov["device_name"] = f"CPU ({cpu}, {torch.get_num_threads()} threads)"
     result = dict(
         kind="mixlab-bench", schema=1, date=now.strftime("%Y-%m-%d"),
         time=now.strftime("%Y-%m-%dT%H:%M:%S"), device=device_slug(device),
@@ -665,8 +668,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [head, f"{'row':<12}{'img/s':>10}{'ms/step':>10}{'batch':>7}{'/ceiling':>10}"
                    f"{'/pgd_at':>9}{'peak MiB':>10}  note"]
 
-    def num(v, fmt):
-        return format(v, fmt) if v is not None else "-"
+    def num(v, fmt):  # fmt like "10.1f": a missing value is a right-aligned "-"
+        width = int(fmt.split(".")[0] or 0)
+        return format(v, fmt) if v is not None else "-".rjust(width)
 
     for name, row in rows.items():
         if "error" in row:

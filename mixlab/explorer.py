@@ -39,6 +39,7 @@ headless runs (papermill, CI).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -47,7 +48,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .attacks import autocast_for, boundary_bisection, cw_margin, eval_mode, pgd
+from .attacks import boundary_bisection, cw_margin, eval_mode, pgd
 from .margins import estimate_margin
 
 #: direction keys and the labels the dropdown shows
@@ -121,12 +122,13 @@ def path_points(x: torch.Tensor, u: torch.Tensor, ts: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def path_logits(model: torch.nn.Module, points: torch.Tensor, batch_size: int = 512,
-                amp: bool | None = None) -> torch.Tensor:
-    """Logits (n, K) in fp32 for path points (n, C, H, W), in eval mode: one forward per
-    ``batch_size`` points (one in all for the usual 101); bf16 autocast on CUDA unless
-    ``amp=False`` (as in ``mixlab.attacks.autocast_for``)."""
-    with eval_mode(model), autocast_for(points, amp):
+def path_logits(model: torch.nn.Module, points: torch.Tensor, batch_size: int = 512
+                ) -> torch.Tensor:
+    """Logits (n, K) for path points (n, C, H, W), in eval mode: one forward per
+    ``batch_size`` points (one in all for the usual 101). fp32 on every device, no bf16
+    autocast: a path is cheap, and its curves must agree with the fp32 bisection that places
+    the crossing (bf16 logits are too coarse near the boundary)."""
+    with eval_mode(model):
         return torch.cat([model(points[i:i + batch_size]).float()
                           for i in range(0, len(points), batch_size)])
 
@@ -154,14 +156,8 @@ def first_crossing(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, u: 
     return float(t[0])
 
 
-def softmax_np(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 @dataclasses.dataclass
-class Path:
+class PathData:
     """One model's view of one path: ts (n,), logits and probs (n, K), pred (n,), the first
     boundary crossing (nan: none within t_max) and the model's margin estimate at the start."""
     ts: np.ndarray
@@ -223,7 +219,7 @@ class MarginExplorer:
 
     Programmatic control (tests, notebooks): :meth:`set_runs`, :meth:`set_image`,
     :meth:`set_direction`, :meth:`set_position`; state in :attr:`paths` (slot "A"/"B" ->
-    :class:`Path`), :attr:`u`, :attr:`figures`; :attr:`widget` is what to display.
+    :class:`PathData`), :attr:`u`, :attr:`figures`; :attr:`widget` is what to display.
     """
 
     def __init__(self, runs: Mapping[str, Any], x_test: torch.Tensor, y_test: torch.Tensor,
@@ -245,7 +241,7 @@ class MarginExplorer:
         self.norm, self.eps = norm, float(eps)
         self.max_eps = float(max_eps) if max_eps is not None else 4 * self.eps
         self.steps, self.n_points = int(steps), int(n_points)
-        self.paths: dict[str, Path] = {}
+        self.paths: dict[str, PathData] = {}
         self.u: torch.Tensor | None = None
         self.t_max = self.max_eps
         self.note = ""
@@ -253,6 +249,7 @@ class MarginExplorer:
         self._quiet = False  # True while the app itself sets widget values
         self._titles: dict[str, str] = {}  # slot -> the path part of the panel title
         self._logit_range: dict[str, tuple[float, float]] = {}  # slot -> logit axis range
+        self._points: np.ndarray | None = None  # (n_points, C, H, W) the path's images, CPU
 
         names = list(self.runs)
         second = names[1] if len(names) > 1 else NONE
@@ -339,7 +336,8 @@ class MarginExplorer:
         self.recompute()
 
     def set_position(self, t: float) -> None:
-        """Move the slider to distance ``t`` (pixel units; snapped to the path's grid)."""
+        """Move the slider to distance ``t`` (pixel units); the panels show the nearest of
+        the path's ``n_points`` grid points."""
         self.position.value = float(t)  # the observer updates the figures
 
     @property
@@ -396,10 +394,11 @@ class MarginExplorer:
             dev = model_device(model)
             xm, ym = self._image(index, dev)
             um = self.u.to(dev)
-            logits = path_logits(model, path_points(xm, um, ts)).cpu().numpy()
-            self.paths[slot] = Path(
-                ts=ts.numpy(), logits=logits, probs=softmax_np(logits), pred=logits.argmax(1),
-                crossing=first_crossing(model, xm, ym, um, ts.numpy(), logits),
+            logits = path_logits(model, path_points(xm, um, ts)).cpu()
+            self.paths[slot] = PathData(
+                ts=ts.numpy(), logits=logits.numpy(), probs=logits.softmax(1).numpy(),
+                pred=logits.argmax(1).numpy(),
+                crossing=first_crossing(model, xm, ym, um, ts.numpy(), logits.numpy()),
                 margin=self._margin(name, index))
         self._points = path_points(x, self.u, ts).float().cpu().numpy()  # for the image views
         with self._hold():
@@ -462,7 +461,7 @@ class MarginExplorer:
         # estimate_margin returns max_eps itself for "no boundary found up to max_eps"
         return f"≥ {self._fmt(self.max_eps)}" if m >= self.max_eps else self._fmt(m)
 
-    def _reference_lines(self, p: Path) -> list[tuple[str, float, str, str]]:
+    def _reference_lines(self, p: PathData) -> list[tuple[str, float, str, str]]:
         """(what, t, colour, dash) of the vertical lines drawn on every panel."""
         lines = [("eps", self.eps, "grey", "dot"), ("crossing", p.crossing, "red", "dash")]
         if p.margin < self.max_eps:
@@ -544,18 +543,14 @@ class MarginExplorer:
             grid_template_columns="repeat(8, 100px)", grid_gap="4px"))
 
     # ------------------------------------------------------------------ events
+    @contextlib.contextmanager
     def _hold(self):
-        """Context: widget values set by the app itself do not trigger recomputes."""
-        explorer = self
-
-        class _Hold:
-            def __enter__(self):
-                self.prev, explorer._quiet = explorer._quiet, True
-
-            def __exit__(self, *exc):
-                explorer._quiet = self.prev
-
-        return _Hold()
+        """Widget values set by the app itself inside this block trigger no recompute."""
+        previous, self._quiet = self._quiet, True
+        try:
+            yield
+        finally:
+            self._quiet = previous
 
     def _on_setting(self, change) -> None:
         if not self._quiet:
@@ -609,8 +604,7 @@ class MarginExplorer:
         preds = {}  # slot -> predicted class at each shown position (a forward: exact t)
         for slot, name in shown.items():
             model = model_of(self.runs[name])
-            # fp32, as the bisection that placed the crossing judged it
-            logits = path_logits(model, imgs.to(model_device(model)), amp=False)
+            logits = path_logits(model, imgs.to(model_device(model)))
             preds[slot] = logits.argmax(1).tolist()
         for j, (t, img) in enumerate(zip(positions, imgs.numpy())):
             ax = fig.add_subplot(grid[-1, 2 * j:2 * j + 2])

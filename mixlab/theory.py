@@ -243,10 +243,11 @@ def mixup_loss_exact(model, x: torch.Tensor, y: torch.Tensor, alpha: float,
 def mixup_loss_definition(model, x: torch.Tensor, y: torch.Tensor, alpha: float,
                           beta: float | None = None, *, order: int = 48,
                           chunk_rows: int = 1 << 16) -> float:
-    """The mixup loss as defined (Zhang et al. 2018): mixed inputs *and* labels, lam ~ Beta(alpha, beta).
+    """The mixup loss as defined (Zhang et al. 2018, arXiv 1710.09412): mixed inputs *and* labels.
 
-    L_mix = (1/n^2) sum_ij E_{lam ~ Beta(alpha, beta)} l(theta, lam x_i + (1-lam) x_j, lam y_i + (1-lam) y_j),
-    by Gauss-Jacobi quadrature on all pairs. Equal to ``mixup_loss_exact`` (the label-mixing
+    L_mix = (1/n^2) sum_ij E_{lam ~ Beta(alpha, beta)} l(theta, x~_ij, y~_ij), with
+    x~_ij = lam x_i + (1-lam) x_j and y~_ij = lam y_i + (1-lam) y_j, by Gauss-Jacobi quadrature on
+    all pairs. Equal to ``mixup_loss_exact`` (the label-mixing
     identity); kept separate so that the identity can be checked.
     """
     lam, w = beta_quadrature(float(alpha), _beta(alpha, beta), order)
@@ -431,7 +432,8 @@ def adv_loss_exact_linear(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                           bias: float = 0.0):
     """Exact l2 adversarial loss of a linear model f(x) = theta^T x + bias:
 
-    (1/n) sum_i max_{||delta||_2 <= eps} l(theta, x_i + delta, y_i) = (1/n) sum_i softplus(-m_i + eps ||theta||_2)
+    (1/n) sum_i max_{||delta||_2 <= eps} l(theta, x_i + delta, y_i)
+        = (1/n) sum_i softplus(-m_i + eps ||theta||_2)
     with margin m_i = (2 y_i - 1) f(x_i): the worst delta is -eps (2y_i - 1) theta / ||theta||.
     No box constraint (toy inputs are not pixels). It can slightly exceed L~_adv(eps)
     (papers.md). eps: float or array, as in ``adv_loss_second_order``.
@@ -439,7 +441,7 @@ def adv_loss_exact_linear(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     theta = theta.detach().to(x)
     m = ((2 * y - 1) * (x @ theta + bias)).cpu().numpy()
     e = np.asarray(eps, dtype=np.float64)
-    out = np.logaddexp(0.0, -m[..., :] + e[..., None] * float(theta.norm())).mean(-1)
+    out = np.logaddexp(0.0, -m + e[..., None] * float(theta.norm())).mean(-1)  # softplus
     return float(out) if out.ndim == 0 else out
 
 
@@ -640,9 +642,9 @@ def decision_grid(model, x: torch.Tensor, *, steps: int = 200, pad: float = 0.5)
     numpy arrays for contour plots of decision boundaries."""
     lo = (x.min(0).values - pad).tolist()
     hi = (x.max(0).values + pad).tolist()
-    gx = torch.linspace(lo[0], hi[0], steps, dtype=x.dtype)
-    gy = torch.linspace(lo[1], hi[1], steps, dtype=x.dtype)
+    gx = torch.linspace(lo[0], hi[0], steps, dtype=x.dtype, device=x.device)
+    gy = torch.linspace(lo[1], hi[1], steps, dtype=x.dtype, device=x.device)
     xx, yy = torch.meshgrid(gx, gy, indexing="xy")
     with torch.no_grad():
         prob = torch.sigmoid(model(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)))
-    return xx.numpy(), yy.numpy(), prob.reshape(steps, steps).numpy()
+    return xx.cpu().numpy(), yy.cpu().numpy(), prob.reshape(steps, steps).cpu().numpy()

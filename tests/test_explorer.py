@@ -159,3 +159,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown direction"):
         path_direction("sideways", nn.Identity(), grey(), torch.tensor([0]), norm="Linf",
                        eps=0.1, max_eps=0.2)
+
+
+@pytest.mark.gpu
+def test_explorer_on_cuda():
+    torch.manual_seed(0)
+    models = {"a": build_model("tiny", 10, 3).cuda(), "b": build_model("tiny", 10, 3).cuda()}
+    ds = synthetic_dataset(8, split="test")
+    explorer = MarginExplorer(models, ds.x, ds.y, ds.classes, eps=8 / 255, steps=3,
+                              n_points=11, n_thumbs=4)
+    for kind in DIRECTIONS:
+        explorer.set_direction(kind, target=2)
+        assert explorer.u.is_cuda and explorer.paths["B"].logits.shape == (11, 10)
+    explorer.set_position(explorer.t_max)
+    matplotlib.pyplot.close(explorer.path_figure())

@@ -162,6 +162,16 @@ def amp_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, perm: tor
     return {"loss": loss, "lam_star": lam_star, "t": t, "x_mix": x_mix}
 
 
+#: the ablation of the AMP notebook: variant name -> flags passed to ``train(method="amp", ...)``
+VARIANTS = {
+    "base": {},
+    "lam_opt": {"lam_opt": True},
+    "geo_label": {"geo_label": True},
+    "both": {"lam_opt": True, "geo_label": True},
+    "clean_mix": {"clean_weight": 0.5},  # not in the default ablation: half clean mixup loss
+}
+
+
 @register
 class AMP(Method):
     """AMP (Bunk et al. 2021), reconstructed; variants are the flags below."""

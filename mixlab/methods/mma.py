@@ -199,7 +199,7 @@ _DATASET_PROFILES = {
     "cifar10": MMA.profiles,
     "mnist": {
         "smoke": dict(model="smallcnn", optimizer="adam", lr=1e-3, weight_decay=0.0,
-                      schedule="constant", val_size=256, steps=10),
+                      schedule="constant", val_size=256, steps=5),
         "short": dict(model="lenet5-madry", epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
                       weight_decay=0.0, schedule="constant", val_size=5000, test_subset=1000,
                       steps=20),
