@@ -1,4 +1,5 @@
-"""``python -m mixlab.bench``: how fast each training method runs, against a ceiling and a reference.
+"""``python -m mixlab.bench``: how fast each training method runs, against a ceiling and a
+reference.
 
 One run, one device, one table. Each row trains for a few steps and reports training throughput in
 images per second, where one image is one training example *including its attack* (a PGD-10 step
@@ -68,36 +69,52 @@ GPU_BATCH = {"preactresnet18": 512, "wrn-28-4": 512, "wrn-32-10": 256}
 SPECIAL_ROWS = ("ceiling", "reference", "data_path")
 
 BENCH_DEFAULTS: dict[str, Any] = dict(
-    arch="preactresnet18",  # model name for mixlab.models.build_model (targets: preactresnet18, wrn-32-10)
-    methods=None,           # rows to run, e.g. ["ceiling", "pgd_at"]; None: every special row and method
+    arch="preactresnet18",  # build_model name; the targets are for preactresnet18 and wrn-32-10
+    methods=None,           # rows to run, e.g. ["ceiling", "pgd_at"]; None: every row, and eval
     dataset="auto",         # auto (real CIFAR-10 if present, else synthetic) | cifar10 | synthetic
-    train_n=None,           # training examples kept on the device; None: whole split (synthetic: 50,000)
+    train_n=None,           # training examples on the device; None: the whole split (synthetic:
+                            # 50,000, CIFAR-10's size)
     batch_size=None,        # examples per step; None: GPU_BATCH[arch] on a GPU, 32 on a CPU
-    ref_batch_size=None,    # the reference's batch; None: 128 (research code's) on a GPU, batch_size on CPU
-    warmup=None,            # untimed steps per row (compile, cudnn autotune, allocator); None: 5 GPU, 1 CPU
-    steps=None,             # timed steps per row; None: 30 on a GPU, 3 on a CPU
-    pgd_steps=10,           # inner PGD steps of every adversarial row (methods that declare `steps`)
-    epochs=100,             # `epochs` the methods are built with; steps run in the last epoch, where
-                            # every schedule (GAIRAT's reweighting, FAT's tau, ...) is switched on
-    lr=0.01,                # SGD learning rate: small, so a short run never diverges (speed ignores it)
-    bf16=None,              # bf16 autocast for the mixlab rows; None: on for CUDA, off for CPU (as train)
-    channels_last=None,     # channels_last for the mixlab rows; None: on for CUDA, off for CPU (as train)
+    ref_batch_size=None,    # the reference's batch; None: 128 (research code's) on a GPU,
+                            # batch_size on a CPU
+    warmup=None,            # untimed steps per row (compile, cudnn autotune, allocator);
+                            # None: 5 on a GPU, 1 on a CPU
+    steps=None,             # timed steps per window; None: 30 on a GPU, 3 on a CPU
+    repeats=1,              # timed windows per row, back to back; the fastest is reported (as
+                            # timeit does: slower windows are other processes' noise, not ours)
+    clock=None,             # wall | process: what a window's seconds are; None: wall on a GPU,
+                            # process (this process's CPU time) on a CPU, so that other jobs on
+                            # a shared machine stay out of the figure
+    threads=None,           # torch CPU threads during the run; None: 1 on a CPU (with process
+                            # time it counts exactly the work; several threads on a busy
+                            # machine spin and waste 10x), torch's own setting on a GPU
+    pgd_steps=10,           # inner PGD steps of every adversarial row (methods with `steps`)
+    epochs=100,             # `epochs` the methods are built with; steps run in the last epoch,
+                            # where every schedule (GAIRAT's reweighting, FAT's tau) is on
+    lr=0.01,                # SGD learning rate: small so a short run never diverges (speed
+                            # does not depend on it)
+    bf16=None,              # bf16 autocast, mixlab rows; None: on for CUDA, off for CPU (as train)
+    channels_last=None,     # channels_last, mixlab rows; None: on for CUDA, off for CPU (as train)
     compile=False,          # torch.compile the model of the mixlab rows (never the reference)
-    ref_workers=None,       # DataLoader workers of the reference; None: 2 (GAIRAT's code) on a GPU, 0 on CPU
+    ref_workers=None,       # the reference's DataLoader workers; None: 2 (as GAIRAT's code) on a
+                            # GPU, 0 on a CPU
     eval_n=None,            # test images for PGD-20 throughput; None: 1000 GPU, 64 CPU
-    aa_n=None,              # test images for AutoAttack standard; 0 skips it; None: 1000 GPU, 8 CPU
+    aa_n=None,              # test images for AutoAttack standard; 0 skips; None: 1000 GPU, 8 CPU
     eval_batch_size=None,   # batch of the evaluation attacks; None: 500 GPU, 64 CPU
-    checkpoint=None,        # a trained run (dir or .pt) to evaluate; None: the untrained bench model
-    profile=(),             # rows whose steps are profiled with torch.profiler (top ops printed)
-    profile_steps=3,        # steps under the profiler, run after the timed window
+    checkpoint=None,        # a trained run (dir or .pt) to evaluate; None: the untrained model
+    profile=(),             # rows whose steps run under torch.profiler (top ops printed)
+    profile_steps=3,        # steps under the profiler, after the timed windows
     device="auto",          # auto | cpu | cuda | cuda:N
     seed=0,                 # seeds data, models and attacks
-    quick=False,            # tiny sizes (QUICK) so the bench runs on a CPU in well under a minute
+    quick=False,            # tiny sizes (QUICK): runs on a CPU in well under a minute
 )
 
-#: --quick: a tiny model and a few small steps, for the test suite and CPU smoke runs
+#: --quick: a tiny model and a few small steps, for the test suite and CPU smoke runs. AutoAttack
+#: is skipped: its cost depends on how many images survive APGD-CE, and on a CPU one survivor
+#: costs about a minute (~7,000 forward passes); ``--quick --aa-n 4`` runs it anyway.
 QUICK: dict[str, Any] = dict(arch="tiny", train_n=512, batch_size=32, ref_batch_size=32, warmup=1,
-                             steps=2, eval_n=64, aa_n=4, eval_batch_size=64, ref_workers=0)
+                             steps=2, repeats=2, eval_n=64, aa_n=0, eval_batch_size=64,
+                             ref_workers=0)
 
 #: issue 8's targets (H100, CIFAR-10, PGD-10 inner loop, bf16)
 TARGETS = dict(
@@ -111,9 +128,30 @@ TARGETS = dict(
 )
 
 
+#: a window's seconds: wall-clock, or the CPU time of this process (all its threads; not that
+#: of DataLoader worker processes, so the CPU default is 0 workers)
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+#: how to read the numbers; written into every result file
+NOTES = [
+    "img_per_s: training examples per second including their attack (one PGD-10 step on a "
+    "batch of B counts B images), fastest timed window, warm-up excluded, device synchronised",
+    "method rows run the last epoch (epoch = epochs - 1) so every schedule is switched on",
+    "ceiling and data_path's synthetic side use one fixed on-device batch; methods go through "
+    "the DeviceLoader with random crop + flip on the device",
+    "peak_mem_mib: torch.cuda.max_memory_allocated during the row, including the resident "
+    "dataset and model; null on a CPU",
+    "eval without --checkpoint attacks the untrained model with its own predictions as labels: "
+    "AutoAttack's figure is then optimistic (few images survive to its costlier attacks)",
+    "on a CPU only the ratios mean something; speed claims come from a GPU run; with "
+    "clock = process, a window's seconds are this process's CPU time (other jobs on a shared "
+    "machine stay out; evaluation figures are wall-clock, timed by mixlab.evaluate)",
+]
+
+
 # ----------------------------------------------------------------------------- settings
 def resolve_settings(**overrides: Any) -> dict[str, Any]:
-    """BENCH_DEFAULTS < QUICK (if quick) < keywords, then the device-dependent defaults filled in."""
+    """BENCH_DEFAULTS < QUICK (if quick) < keywords; then the device-dependent defaults."""
     unknown = set(overrides) - set(BENCH_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown bench setting(s) {sorted(unknown)}; "
@@ -127,18 +165,22 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
                 warmup=5 if gpu else 1, steps=30 if gpu else 3,
                 ref_workers=2 if gpu else 0, eval_n=1000 if gpu else 64,
                 aa_n=1000 if gpu else 8, eval_batch_size=500 if gpu else 64,
-                bf16=gpu, channels_last=gpu)
+                bf16=gpu, channels_last=gpu, clock="wall" if gpu else "process",
+                threads=torch.get_num_threads() if gpu else 1)
     for key, value in fill.items():
         if cfg[key] is None:
             cfg[key] = value
     if cfg["ref_batch_size"] is None:
         cfg["ref_batch_size"] = 128 if gpu else cfg["batch_size"]
+    if cfg["clock"] not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {cfg['clock']!r}")
     if cfg["dataset"] not in ("auto", "cifar10", "synthetic"):
         raise ValueError(f"dataset must be auto, cifar10 or synthetic, got {cfg['dataset']!r}")
     cfg["profile"] = list(cfg["profile"])
     for row in cfg["profile"]:
-        if row not in SPECIAL_ROWS and row not in METHODS:
-            raise ValueError(f"cannot profile {row!r}: not a row ({_all_rows()})")
+        if row not in ("ceiling", "reference") and row not in METHODS:
+            raise ValueError(f"cannot profile {row!r}: choose ceiling, reference or a method "
+                             f"({sorted(METHODS)}); data_path runs pgd_at")
     if cfg["methods"] is not None:
         cfg["methods"] = list(cfg["methods"])
         bad = [r for r in cfg["methods"]
@@ -149,7 +191,8 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
 
 
 def _all_rows() -> list[str]:
-    """Every row in table order: ceiling, reference, erm, mixup, pgd_at, other methods, data_path."""
+    """Every row in table order: ceiling, reference, erm, mixup, pgd_at, the other methods
+    (alphabetical), data_path."""
     first = [m for m in ("erm", "mixup", "pgd_at") if m in METHODS]
     rest = sorted(m for m in METHODS if m not in first)
     return ["ceiling", "reference", *first, *rest, "data_path"]
@@ -169,28 +212,36 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(step: Callable[[Any], Any], batches: Iterator[Any], *, warmup: int, steps: int,
-            device: torch.device, images: Callable[[Any], int]) -> dict[str, Any]:
-    """Time ``steps`` calls of ``step(next(batches))`` after ``warmup`` untimed ones.
+            device: torch.device, images: Callable[[Any], int], repeats: int = 1,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Time ``repeats`` windows of ``steps`` calls of ``step(next(batches))`` after ``warmup``
+    untimed ones; report the fastest window.
 
     The device is synchronised before the clock starts and before it stops, so queued GPU work
     is counted where it runs. ``images(batch)`` counts the training examples in a batch (read
-    from shapes: no host sync). Returns img_per_s, ms_per_step, seconds, images, and the last
-    step's return value under ``"last"`` (read it only after timing: reading forces a sync).
+    from shapes: no host sync). Returns img_per_s and ms_per_step (fastest window),
+    window_img_per_s (every window, to show the noise), images, and the last step's return
+    value under ``"last"`` (read it only after timing: reading forces a sync). ``clock``: a
+    function returning seconds (wall-clock by default).
     """
     out = None
     for _ in range(warmup):
         out = step(next(batches))
-    _sync(device)
-    n = 0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        batch = next(batches)
-        n += images(batch)
-        out = step(batch)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return dict(img_per_s=n / seconds, ms_per_step=1000 * seconds / steps, seconds=seconds,
-                images=n, steps=steps, warmup=warmup, last=out)
+    windows = []
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        n = 0
+        t0 = clock()
+        for _ in range(steps):
+            batch = next(batches)
+            n += images(batch)
+            out = step(batch)
+        _sync(device)
+        windows.append((n / max(clock() - t0, 1e-9), n))
+    best, n = max(windows)
+    return dict(img_per_s=best, ms_per_step=1000 * n / best / steps,
+                window_img_per_s=[w for w, _ in windows], images=n, steps=steps,
+                warmup=warmup, repeats=len(windows), last=out)
 
 
 def profile_steps(step: Callable[[Any], Any], batches: Iterator[Any], *, steps: int,
@@ -206,12 +257,11 @@ def profile_steps(step: Callable[[Any], Any], batches: Iterator[Any], *, steps: 
             step(next(batches))
         _sync(device)
     events = prof.key_averages()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    try:
-        table = events.table(sort_by=key, row_limit=top)
-    except (AttributeError, KeyError, ValueError):  # older torch names the device column cuda
-        key = "self_cuda_time_total" if cuda else key
-        table = events.table(sort_by=key, row_limit=top)
+    key = "self_cpu_time_total"
+    if cuda:  # torch < 2.4 calls the device column "cuda"
+        key = ("self_device_time_total" if hasattr(events[0], "self_device_time_total")
+               else "self_cuda_time_total")
+    table = events.table(sort_by=key, row_limit=top)
     ranked = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
     ops = [dict(name=e.key, calls=e.count, self_ms=getattr(e, key, 0.0) / 1000 / steps,
                 cpu_ms=e.self_cpu_time_total / 1000 / steps) for e in ranked]
@@ -331,14 +381,20 @@ def reference_pgd(model, data, target, *, eps: float, alpha: float, steps: int):
 
 
 def reference_step(model, optimizer, device, *, eps: float, alpha: float, steps: int):
-    """GAIRAT's training step (without its reweighting, i.e. PGD-AT): host batch to the device,
-    the attack, then a fp32 step on the adversarial batch."""
+    """GAIRAT.py's training step before its reweighting starts (i.e. PGD-AT): the host batch to
+    the device, the attack, a fp32 step, and the running loss read with ``.item()`` (one more
+    sync per step). Left out: its ``DataParallel`` wrapper and global cudnn flags, which would
+    change the other rows too."""
+    running_loss = 0.0
+
     def step(batch):
+        nonlocal running_loss
         data, target = batch[0].to(device), batch[1].to(device)
         x_adv, _ = reference_pgd(model, data, target, eps=eps, alpha=alpha, steps=steps)
         model.train()
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x_adv), target)
+        running_loss += loss.item() * len(x_adv)
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -372,7 +428,8 @@ class _Bench:
         cfg = self.cfg
         name = cfg["dataset"]
         if name == "auto":
-            name = "cifar10" if data_mod.find_dataset("cifar10", "train") is not None else "synthetic"
+            real = data_mod.find_dataset("cifar10", "train") is not None
+            name = "cifar10" if real else "synthetic"
         if name == "cifar10":
             train_ds = data_mod.load_dataset("cifar10", "train")
             test_ds = data_mod.load_dataset("cifar10", "test")
@@ -402,17 +459,17 @@ class _Bench:
         self.model.train()
         return self._sgd(self.model)
 
-    def _run(self, name: str, step, batches, images=lambda b: len(b.y), *,
-             profile: bool = True) -> dict[str, Any]:
+    def _run(self, name: str, step, batches, images=lambda b: len(b.y)) -> dict[str, Any]:
         """Time one row, then (if asked) profile it; peak memory covers warm-up and timing."""
         _peak_memory_reset(self.device)
         rec = measure(step, batches, warmup=self.cfg["warmup"], steps=self.cfg["steps"],
-                      device=self.device, images=images)
+                      device=self.device, images=images, repeats=self.cfg["repeats"],
+                      clock=CLOCKS[self.cfg["clock"]])
         rec["peak_mem_mib"] = _peak_memory_mib(self.device)
         last = rec.pop("last")
         rec["final_loss"] = float(last.float()) if last is not None else None
         rec["finite"] = rec["final_loss"] is None or bool(np.isfinite(rec["final_loss"]))
-        if profile and name in self.cfg["profile"]:
+        if name in self.cfg["profile"]:
             table, ops = profile_steps(step, batches, steps=self.cfg["profile_steps"],
                                        device=self.device)
             print(f"\n== torch.profiler: {name}, {self.cfg['profile_steps']} steps ==\n{table}")
@@ -466,21 +523,36 @@ class _Bench:
                     hp=_jsonable(hp), **rec)
 
     def row_data_path(self) -> dict[str, Any]:
-        """pgd_at through the DeviceLoader vs on one fixed on-device batch, back to back, plus
-        the loader alone (how long producing the batches takes, without training)."""
-        torch.manual_seed(self.cfg["seed"])
+        """pgd_at through the DeviceLoader against pgd_at on one fixed on-device batch, the
+        windows interleaved (loader, synthetic, loader, ...) so that drifts in the machine's
+        speed hit both alike; plus the loader alone (making batches, no training)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg["seed"])
         method, _ = self._method("pgd_at")
         step = method_step(method, self.fwd_model, self._fresh(), self.autocast, self.epoch)
-        loader = self._run("data_path", step, _cycle(self.loader))
-        fixed = self._run("data_path", step, _fixed_batch(self.train_ds, self.cfg["batch_size"],
-                                                          self.cfg["channels_last"]), profile=False)
-        alone = measure(lambda b: None, _cycle(self.loader), warmup=1, steps=self.cfg["steps"],
-                        device=self.device, images=lambda b: len(b.y))
-        overhead = 1 - loader["img_per_s"] / fixed["img_per_s"]
-        return dict(kind="data_path", batch_size=self.cfg["batch_size"],
-                    img_per_s=loader["img_per_s"], synthetic_img_per_s=fixed["img_per_s"],
-                    loader_only_img_per_s=alone["img_per_s"], overhead=overhead,
-                    peak_mem_mib=loader["peak_mem_mib"], loader=loader, synthetic=fixed)
+        sources = {"loader": _cycle(self.loader),
+                   "synthetic": _fixed_batch(self.train_ds, cfg["batch_size"],
+                                             cfg["channels_last"])}
+        windows: dict[str, list[float]] = {kind: [] for kind in sources}
+        _peak_memory_reset(self.device)
+        for r in range(max(1, cfg["repeats"])):
+            for kind, batches in sources.items():
+                rec = measure(step, batches, warmup=cfg["warmup"] if r == 0 else 0,
+                              steps=cfg["steps"], device=self.device, images=lambda b: len(b.y),
+                              clock=CLOCKS[cfg["clock"]])
+                windows[kind].append(rec["img_per_s"])
+        peak = _peak_memory_mib(self.device)
+        alone = measure(lambda b: None, _cycle(self.loader), warmup=1, steps=cfg["steps"],
+                        device=self.device, images=lambda b: len(b.y),
+                        clock=CLOCKS[cfg["clock"]])
+        best = {kind: max(w) for kind, w in windows.items()}
+        return dict(kind="data_path", batch_size=cfg["batch_size"], steps=cfg["steps"],
+                    repeats=max(1, cfg["repeats"]), img_per_s=best["loader"],
+                    ms_per_step=1000 * cfg["batch_size"] / best["loader"],
+                    synthetic_img_per_s=best["synthetic"],
+                    overhead=1 - best["loader"] / best["synthetic"],
+                    loader_only_img_per_s=alone["img_per_s"], window_img_per_s=windows,
+                    peak_mem_mib=peak)
 
     # --- evaluation -----------------------------------------------------------------------
     def evaluation(self) -> dict[str, Any]:
@@ -515,7 +587,8 @@ class _Bench:
                  batch_size=cfg["eval_batch_size"])
         for attack, count in (("pgd20", cfg["eval_n"]), ("aa", cfg["aa_n"])):
             if not count:
-                out[attack] = dict(skipped=f"{'eval_n' if attack == 'pgd20' else 'aa_n'} = 0")
+                why = "quick run: AutoAttack skipped (see QUICK)" if cfg["quick"] else "n = 0"
+                out[attack] = dict(skipped=why)
                 continue
             _peak_memory_reset(device)
             _sync(device)
@@ -617,6 +690,15 @@ def run_bench(**settings: Any) -> dict[str, Any]:
     the run goes on (methods are written in parallel; one broken file must not hide the rest).
     """
     cfg = resolve_settings(**settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    try:
+        return _run_bench(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(cfg: dict[str, Any]) -> dict[str, Any]:
     device = pick_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     bench = _Bench(cfg, device)
@@ -634,24 +716,33 @@ def run_bench(**settings: Any) -> dict[str, Any]:
                               error=f"{type(err).__name__}: {err}",
                               traceback=traceback.format_exc(limit=4))
             print(f"bench: {name} FAILED: {rows[name]['error']}", file=sys.stderr)
-    evaluation = bench.evaluation() if wanted is None or "eval" in wanted else {}
+    evaluation: dict[str, Any] = {}
+    if wanted is None or "eval" in wanted:
+        print("bench: eval ...", file=sys.stderr, flush=True)
+        try:
+            evaluation = bench.evaluation()
+        except Exception as err:  # as for rows: keep what was measured
+            evaluation = dict(error=f"{type(err).__name__}: {err}",
+                              traceback=traceback.format_exc(limit=4))
+            print(f"bench: eval FAILED: {evaluation['error']}", file=sys.stderr)
     now = datetime.datetime.now()
     prov = provenance(dict(profile="quick" if cfg["quick"] else None), device, bench.train_ds)
     prov.update(_versions(device))
     if device.type != "cuda":  # platform.processor() is often empty on Linux
         cpu = prov["device_name"] or platform.machine()
-        prov["device_name"] = f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+        prov["device_name"] = f"CPU ({cpu}, threads={torch.get_num_threads()})"
     result = dict(
         kind="mixlab-bench", schema=1, date=now.strftime("%Y-%m-%d"),
         time=now.strftime("%Y-%m-%dT%H:%M:%S"), device=device_slug(device),
         device_name=prov["device_name"],
-        label=("CPU run: absolute speeds are no claim, ratios are meaningful"
+        label=(f"CPU run ({cfg['clock']} clock): absolute speeds are no claim, ratios are "
+               "meaningful"
                if device.type != "cuda" else f"GPU run on {prov['device_name']}"),
         config=_jsonable(cfg),
         data=dict(dataset=bench.train_ds.name, source=bench.train_ds.source,
                   synthetic=bench.train_ds.name == "synthetic", train_n=len(bench.train_ds),
                   test_n=len(bench.test_ds)),
-        provenance=_jsonable(prov), rows=rows)
+        provenance=_jsonable(prov), notes=NOTES, rows=rows)
     result["ratios"] = ratios({k: v for k, v in rows.items() if "error" not in v})
     result["eval"] = evaluation
     result["targets"] = check_targets(result)
@@ -662,8 +753,8 @@ def run_bench(**settings: Any) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     """The result as a plain-text table: one line per row, then evaluation and targets."""
     rows, r = result["rows"], result["ratios"]
-    head = (f"mixlab bench: {result['config']['arch']} on {result['device_name']} "
-            f"({result['label']}); data: {result['data']['dataset']}, "
+    head = (f"mixlab bench: {result['config']['arch']} on {result['device_name']}; "
+            f"{result['label']}; data: {result['data']['dataset']}, "
             f"{result['date']}, commit {result['provenance'].get('git_commit', '?')[:10]}")
     lines = [head, f"{'row':<12}{'img/s':>10}{'ms/step':>10}{'batch':>7}{'/ceiling':>10}"
                    f"{'/pgd_at':>9}{'peak MiB':>10}  note"]
@@ -678,17 +769,18 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         note = ""
         if name == "data_path":
-            note = (f"synthetic batch {row['synthetic_img_per_s']:.1f} img/s, overhead "
-                    f"{100 * row['overhead']:+.1f}%, loader alone {row['loader_only_img_per_s']:.0f} img/s")
+            note = (f"pgd_at; fixed batch {row['synthetic_img_per_s']:.1f} img/s, overhead "
+                    f"{100 * row['overhead']:+.1f}%, loader alone "
+                    f"{row['loader_only_img_per_s']:.0f} img/s")
         elif name == "reference":
             note = f"fp32, DataLoader x{row['workers']} workers, kappa loop on host"
-        ms = row.get("ms_per_step", row.get("loader", {}).get("ms_per_step"))
-        lines.append(f"{name:<12}{num(row.get('img_per_s'), '10.1f')}{num(ms, '10.1f')}"
+        lines.append(f"{name:<12}{num(row.get('img_per_s'), '10.1f')}"
+                     f"{num(row.get('ms_per_step'), '10.1f')}"
                      f"{row.get('batch_size', ''):>7}"
                      f"{num(r['vs_ceiling'].get(name), '10.3f')}"
                      f"{num(r['vs_pgd_at'].get(name), '9.3f')}"
                      f"{num(row.get('peak_mem_mib'), '10.0f')}  {note}")
-    lines.append(f"pgd_at / reference: {num(r['pgd_at_vs_reference'], '.2f')}x")
+    lines.append(f"pgd_at / reference: {num(r['pgd_at_vs_reference'], '.2f')} (x)")
     for attack, rec in result.get("eval", {}).items():
         if isinstance(rec, dict) and "img_per_s" in rec:
             lines.append(f"eval {attack:<6} n={rec['n']:<5} {rec['img_per_s']:10.1f} img/s "
@@ -727,7 +819,7 @@ def write_result(result: dict[str, Any], out: str | Path) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mixlab.bench",
-                                description=__doc__.split("\n")[0],
+                                description=" ".join(__doc__.split("\n\n")[0].split()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [v for v in s.split(",") if v]  # noqa: E731
     p.add_argument("--arch", help=f"model (default preactresnet18; targets for {', '.join(ARCHS)})")
@@ -736,7 +828,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes; runs on a CPU in < 60 s")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--ref-batch-size", type=int, help="batch of the reference (default 128 GPU)")
-    p.add_argument("--steps", type=int, help="timed steps per row")
+    p.add_argument("--steps", type=int, help="timed steps per window")
+    p.add_argument("--repeats", type=int, help="timed windows per row; the fastest counts")
+    p.add_argument("--clock", choices=sorted(CLOCKS),
+                   help="wall-clock or this process's CPU time (default: wall on a GPU, "
+                        "process on a CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps per row")
     p.add_argument("--pgd-steps", type=int, help="inner PGD steps (default 10)")
     p.add_argument("--dataset", choices=["auto", "cifar10", "synthetic"])
@@ -751,6 +847,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-workers", type=int, help="DataLoader workers of the reference")
     p.add_argument("--profile", type=csv, help="rows to profile with torch.profiler")
     p.add_argument("--profile-steps", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on a CPU)")
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", default="results", help="folder (or .json file) for the result")

@@ -179,9 +179,9 @@ def image_strip(x_a: torch.Tensor, x_b: torch.Tensor, lams: int | Sequence[float
     ``plt.imshow``. x_a, x_b: (C, H, W) or (1, C, H, W)."""
     points = path_points(_as_batch(x_a), _as_batch(x_b), lams)[0]  # (L, C, H, W)
     n, c, h, w = points.shape
-    strip = torch.ones(c, h, n * (w + gap) - gap, dtype=points.dtype, device=points.device)
-    for i in range(n):  # L is a handful of images: a loop reads best here
-        strip[:, :, i * (w + gap):i * (w + gap) + w] = points[i]
+    # pad each image on the right with a white gap, lay them side by side, drop the last gap
+    padded = F.pad(points, (0, gap), value=1.0)                    # (L, C, H, W + gap)
+    strip = padded.permute(1, 2, 0, 3).reshape(c, h, n * (w + gap))[:, :, :n * (w + gap) - gap]
     return strip.permute(1, 2, 0).clamp(0, 1).float().cpu().numpy()
 
 

@@ -315,6 +315,8 @@ def train(**config: Any):
     use_bf16 = device.type == "cuda" if cfg["bf16"] is None else cfg["bf16"]
     use_cl = device.type == "cuda" if cfg["channels_last"] is None else cfg["channels_last"]
     torch.manual_seed(cfg["seed"])
+    if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
 
     train_ds, eval_ds = prepare_data(cfg, device)
     info = data_mod.dataset_info(cfg["dataset"])

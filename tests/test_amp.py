@@ -120,6 +120,9 @@ def test_path_probe_endpoints_and_worst_case(net, batch):
     assert not net.training
     strip = image_strip(x[0], x[perm][0], lams=5, gap=2)
     assert strip.shape == (32, 5 * 34 - 2, 3) and 0 <= strip.min() and strip.max() <= 1
+    np.testing.assert_allclose(strip[:, :32], x[perm][0].permute(1, 2, 0).numpy())  # λ = 0
+    np.testing.assert_allclose(strip[:, -32:], x[0].permute(1, 2, 0).numpy())      # λ = 1
+    assert (strip[:, 32:34] == 1).all()  # white gap
     assert path_points(x[:2], x[perm][:2], [0.0, 1.0]).shape == (2, 2, 3, 32, 32)
 
 

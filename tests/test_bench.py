@@ -1,0 +1,145 @@
+"""The benchmark runs end to end on a CPU (``--quick``) and writes well-formed JSON with every row
+and ratio. No test here asserts a speed: speeds are only ever claimed from a GPU run."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixlab import bench
+from mixlab.methods import METHODS, Method
+
+CORE_ROWS = ("ceiling", "reference", "erm", "mixup", "pgd_at", "data_path")
+
+
+def _strict_json(path):
+    """Parse as strict JSON: NaN / Infinity are not JSON and fail here."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `python -m mixlab.bench --quick` run, shared by the tests below (about 20 s)."""
+    out = tmp_path_factory.mktemp("bench")
+    rc = bench.main(["--quick", "--dataset", "synthetic", "--out", str(out)])
+    files = sorted(out.glob("bench-cpu-*-quick.json"))
+    assert len(files) == 1, f"expected one result file in {out}, found {files}"
+    return rc, _strict_json(files[0])
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_row_and_ratio(quick):
+    rc, result = quick
+    assert result["kind"] == "mixlab-bench" and result["device"] == "cpu"
+    assert "CPU" in result["label"] and result["data"]["synthetic"] is True
+    assert result["config"]["quick"] is True and result["config"]["arch"] == "tiny"
+    for key in ("git_commit", "torch", "torchvision", "python", "device_name"):
+        assert result["provenance"][key], key
+    rows = result["rows"]
+    # every registered method is a row, whoever wrote it and whenever it landed
+    assert set(rows) == set(CORE_ROWS) | set(METHODS)
+    for name in CORE_ROWS:
+        assert "error" not in rows[name], rows[name].get("traceback")
+    for name, row in rows.items():
+        if "error" in row:  # a method being written elsewhere may fail; it must say so
+            assert isinstance(row["error"], str) and row["error"]
+            continue
+        assert row["img_per_s"] > 0 and row["peak_mem_mib"] is None  # no GPU: no memory
+        if name != "data_path":
+            assert row["steps"] == 2 and row["repeats"] == 2 and row["finite"] is True
+    assert rc == (1 if any("error" in r for r in rows.values()) else 0)
+    ratios = result["ratios"]
+    ok = [n for n in rows if "error" not in rows[n] and n not in ("ceiling", "data_path")]
+    for name in ok:
+        assert ratios["vs_ceiling"][name] > 0 and ratios["vs_pgd_at"][name] > 0
+    assert ratios["vs_pgd_at"]["pgd_at"] == pytest.approx(1.0)
+    assert ratios["pgd_at_vs_reference"] > 0
+    assert ratios["data_path_overhead"] == pytest.approx(rows["data_path"]["overhead"])
+    assert result["eval"]["pgd20"]["img_per_s"] > 0 and result["eval"]["pgd20"]["n"] == 64
+    assert "skipped" in result["eval"]["aa"]
+    # absolute speed targets claim nothing on a CPU; ratio targets are computed
+    targets = {t["target"]: t for t in result["targets"]}
+    assert targets["pgd_at / reference"]["met"] in (True, False)
+    assert all(t["met"] is None for name, t in targets.items() if "img/s" in name)
+
+
+@pytest.mark.slow
+def test_table_names_every_row(quick, capsys):
+    _, result = quick
+    table = bench.format_table(result)
+    for name in result["rows"]:
+        assert f"\n{name} " in table
+    assert "CPU" in table.splitlines()[0]
+
+
+class _Probe(Method):
+    """A method the bench has never heard of: it must become a row with the bench's PGD steps."""
+    name = "bench_probe"
+    defaults = {"steps": 7, "eps": 8 / 255}   # 7: the bench must override it with pgd_steps
+
+    def loss(self, model, x, y, idx, *, epoch):
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y), logits
+
+
+class _Broken(Method):
+    name = "bench_broken"
+    defaults = {}
+
+    def loss(self, model, x, y, idx, *, epoch):
+        raise RuntimeError("half-written method")
+
+
+def test_new_methods_are_picked_up_and_failures_recorded(monkeypatch, tmp_path):
+    monkeypatch.setitem(METHODS, "bench_probe", _Probe)
+    monkeypatch.setitem(METHODS, "bench_broken", _Broken)
+    torch.set_num_threads(2)  # the bench runs on one CPU thread and gives the setting back
+    result = bench.run_bench(quick=True, dataset="synthetic", train_n=128, batch_size=16,
+                             steps=1, pgd_steps=2,
+                             methods=["ceiling", "pgd_at", "bench_probe", "bench_broken"])
+    assert torch.get_num_threads() == 2 and result["config"]["threads"] == 1
+    torch.set_num_threads(1)
+    rows = result["rows"]
+    assert list(rows) == ["ceiling", "pgd_at", "bench_broken", "bench_probe"]
+    assert rows["bench_probe"]["hp"]["steps"] == 2
+    assert rows["pgd_at"]["hp"]["steps"] == 2
+    assert "half-written method" in rows["bench_broken"]["error"]
+    assert result["ratios"]["vs_pgd_at"]["bench_probe"] > 0
+    assert "bench_broken" not in result["ratios"]["vs_pgd_at"]
+    assert result["eval"] == {}  # not asked for
+    path = bench.write_result(result, tmp_path)
+    assert path.name.startswith("bench-cpu-") and path.name.endswith("-quick.json")
+    _strict_json(path)
+
+
+def test_settings_and_names():
+    assert bench.device_slug(torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="unknown row"):
+        bench.resolve_settings(methods=["no_such_method"])
+    with pytest.raises(ValueError, match="unknown bench setting"):
+        bench.resolve_settings(batch=3)
+    cfg = bench.resolve_settings(device="cpu")
+    assert cfg["bf16"] is False and cfg["channels_last"] is False  # the engine's CPU defaults
+    assert cfg["clock"] == "process"  # a shared CPU: other jobs' load stays out of the figures
+    with pytest.raises(ValueError, match="clock"):
+        bench.resolve_settings(device="cpu", clock="sundial")
+    assert cfg["arch"] == "preactresnet18" and cfg["pgd_steps"] == 10
+    result = dict(device="cpu", date="2026-01-02", config=dict(arch="wrn-32-10", quick=False))
+    assert bench.output_path(result, "results").name == "bench-cpu-2026-01-02-wrn-32-10.json"
+    assert bench.output_path(result, "x/y.json").as_posix() == "x/y.json"
+    r = bench.ratios({"pgd_at": {"img_per_s": 10.0}, "reference": {"img_per_s": 2.0}})
+    assert r["pgd_at_vs_reference"] == 5.0 and r["vs_ceiling"]["pgd_at"] is None
+
+
+def test_reference_pgd_stays_in_the_ball():
+    """The reference attack is a faithful PGD (it is slow on purpose, not wrong)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x = torch.rand(4, 3, 8, 8)
+    y = torch.randint(0, 10, (4,))
+    x_adv, kappa = bench.reference_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert kappa.shape == (4,) and ((kappa >= 0) & (kappa <= 3)).all()
