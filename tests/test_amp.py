@@ -104,6 +104,20 @@ def test_method_loss_backpropagates_and_logs(net, batch):
     assert method.epoch_end(1) == {}, "logs restart every epoch"
 
 
+def test_bf16_autocast_and_channels_last(net, batch):
+    """The CUDA path (bf16 autocast, channels_last) runs on CPU too."""
+    x, y, _, _ = batch
+    net = net.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    method = get_method("amp")(num_train=B, num_classes=K, epochs=1, steps=2, lam_opt=True,
+                               geo_label=True, clean_weight=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = method.loss(net, x, y, torch.arange(B), epoch=0)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
 def test_path_probe_endpoints_and_worst_case(net, batch):
     x, y, perm, _ = batch
     net.eval()

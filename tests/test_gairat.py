@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from mixlab.attacks import pgd
 from mixlab.methods import get_method
-from mixlab.methods.fat import early_stopped_pgd, tau_at
+from mixlab.attacks import early_stopped_pgd, tau_at
 from mixlab.methods.gairat import gair_weights, lam_at
 from mixlab.train import train
 

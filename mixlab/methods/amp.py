@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attacks import autocast_for, check_eps, eval_mode, ascent_step, project, random_init
+from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, random_init
 from .base import Method, register, soft_cross_entropy
 
 

@@ -14,6 +14,27 @@ import torch
 
 METHODS: dict[str, type["Method"]] = {}
 
+#: the Madry PGD-AT threat model and inner loop on CIFAR (papers.md, shared protocol)
+ATTACK_DEFAULTS = {
+    "eps": 8 / 255,     # radius of the threat model, pixel units
+    "alpha": 2 / 255,   # PGD step size, pixel units
+    "steps": 10,        # PGD iterations in training
+    "norm": "Linf",     # "Linf" or "L2"
+}
+
+# The engine schedules of the official GAIRAT / FAT scripts (their `lr_schedule`), shared by
+# the methods (fat, gairat, gair_fat, ...) so the three compare on one budget.
+#: WRN (>= 110 epochs): lr ÷10 at 50%, ÷100 at 75%, ÷200 at 11/12 of training
+WRN_SCHEDULE = dict(schedule="piecewise", milestones=(0.5, 0.75, 11 / 12),
+                    lr_factors=(0.1, 0.01, 0.005), lr=0.1, batch_size=128, weight_decay=2e-4)
+#: ResNet (< 110 epochs): lr ÷10 at 30%, ÷100 at 60% of training
+RESNET_SCHEDULE = dict(schedule="piecewise", milestones=(0.3, 0.6), lr_factors=(0.1, 0.01),
+                       lr=0.1, batch_size=128, weight_decay=2e-4)
+#: the CPU smoke profile's budget, a little above the engine's so a tiny CNN trained this way
+#: keeps PGD-20 accuracy above chance on real CIFAR-10 (~20 s per method)
+SMOKE_BUDGET = dict(train_subset=2048, epochs=3, lr=0.1)
+
+
 
 def register(cls: type["Method"]) -> type["Method"]:
     """Class decorator: make a method available to ``train(method=<cls.name>)``."""

@@ -29,11 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attacks import pgd
-from .base import Method, register
-# early-stopped PGD is an attack; it lives beside FAT until mixlab.attacks takes it over
-from .fat import (FAT_DEFAULTS, RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, early_stopped_pgd,
-                  tau_at)
+from ..attacks import early_stopped_pgd, pgd, tau_at
+from .base import ATTACK_DEFAULTS, RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, Method, register
 
 WEIGHT_FNS = ("tanh", "sigmoid", "discrete")
 LAM_SCHEDULES = ("fixed", "linear", "piecewise")
@@ -206,7 +203,7 @@ class GAIRFAT(GAIRAT):
     original order; here every point keeps its own label."""
     name = "gair_fat"
     defaults = {
-        **FAT_DEFAULTS,
+        **ATTACK_DEFAULTS,
         "tau": (0, 3, 6),                         # τ per stage (GAIR_FAT.py's dynamic τ)
         "tau_milestones": (40 / 120, 70 / 120),   # fractions of training where τ steps up
         "omega": 0.0,                             # std of the noise added to each PGD step

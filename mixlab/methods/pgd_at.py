@@ -9,14 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..attacks import pgd
-from .base import Method, register
-
-ATTACK_DEFAULTS = {
-    "eps": 8 / 255,     # radius of the threat model, pixel units
-    "alpha": 2 / 255,   # PGD step size, pixel units
-    "steps": 10,        # PGD iterations in training
-    "norm": "Linf",     # "Linf" or "L2"
-}
+from .base import ATTACK_DEFAULTS, Method, register
 
 
 @register
