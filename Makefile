@@ -9,7 +9,7 @@ export MIXLAB_DATA ?= $(CURDIR)/data
 DATA_STAMP := $(MIXLAB_DATA)/.mixlab-prepared
 # smoke on a CPU-only machine, short where CUDA is present; `make demo PROFILE=paper` overrides
 PROFILE ?= $(shell $(PY) -c "import torch; print('short' if torch.cuda.is_available() else 'smoke')" 2>/dev/null || echo smoke)
-DEMO_NOTEBOOK ?= quickstart
+DEMO_NOTEBOOK ?= amp_cifar10
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup data browser notebooks bench clean help

@@ -67,12 +67,12 @@ cells = [
          '                               seed=seed, eps=eps, device=str(dev), quiet=True, **spec)\n'
          'cfg = runs["erm"].config\n'
          'print(f"{cfg[\'model\']}, {cfg[\'epochs\']} epochs, training PGD steps {cfg[\'steps\']}")\n'
-         'print(f"{\'run\':12s} {\'loss\':>7s} {\'clean\':>6s} {\'PGD\':>6s} {\'img/s\':>8s}")\n'
+         'print(f"{\'run\':14s} {\'loss\':>7s} {\'clean\':>6s} {\'PGD\':>6s} {\'img/s\':>8s}")\n'
          'img_per_s = {}\n'
          'for name, run in runs.items():\n'
          '    last = run.history[-1]\n'
          '    img_per_s[name] = float(np.mean([h["img_per_s"] for h in run.history]))\n'
-         '    print(f"{name:12s} {last[\'train_loss\']:7.3f} {last[\'test_clean\']:6.3f} "\n'
+         '    print(f"{name:14s} {last[\'train_loss\']:7.3f} {last[\'test_clean\']:6.3f} "\n'
          '          f"{last.get(\'test_robust\', float(\'nan\')):6.3f} {img_per_s[name]:8.0f}")'),
     md("## Predictions along interpolation paths\n\n"
        "For fixed test pairs (x_a, x_b) with different labels, the path is λ·x_a + (1 − λ)·x_b on 51 "

@@ -33,6 +33,8 @@ Logged per epoch (``epoch_end``, arrays of length num_train indexed by dataset i
 examples not drawn as the anchor x_a this epoch): ``lam0`` (sampled λ), ``lam_star`` (λ after
 the attack; equals lam0 without ``lam_opt``), ``t_geo_minus_lam`` (t_geo − λ*).
 
+Variants of the notebook's ablation: ``VARIANTS`` (base, lam_opt, geo_label, both, clean_mix).
+
 >>> model, history = train(method="amp", lam_opt=True, geo_label=True, profile="smoke")
 >>> x_a_adv, x_b_adv, lam = amp_perturb(model, x, x[perm], y_soft, y_soft[perm], lam,
 ...                                     eps=8/255, alpha=2/255, steps=10)
@@ -45,11 +47,6 @@ import torch.nn.functional as F
 
 from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, random_init
 from .base import Method, register, soft_cross_entropy
-
-
-def _img(v: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, 1, 1), to weight images per example."""
-    return v.reshape(-1, 1, 1, 1)
 
 
 def mix(x_a: torch.Tensor, x_b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ def sample_lam(alpha: float, n: int, device: torch.device) -> torch.Tensor:
     if alpha <= 0:
         return torch.ones(n, device=device)
     a = torch.tensor(float(alpha), device=device)
-    return torch.distributions.Beta(a, a).sample((n,))
+    # validate_args=False: argument validation calls .all(), a host sync on CUDA
+    return torch.distributions.Beta(a, a, validate_args=False).sample((n,))
 
 
 def mixup_data(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor):
