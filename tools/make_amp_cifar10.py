@@ -1,6 +1,8 @@
 """Writes notebooks/amp_cifar10.ipynb (outputs stripped). Run: python tools/make_amp_cifar10.py"""
 import nbformat as nbf
 
+from nbwrite import write_notebook
+
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 
 cells = [
@@ -217,8 +219,4 @@ cells = [
          '        assert results[name]["pgd20"] > results["erm"]["pgd20"], (name, results[name])\n'
          'print("all checks passed")'),
 ]
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-    "language_info": {"name": "python"}})
-nbf.write(nb, "notebooks/amp_cifar10.ipynb")
-print("wrote notebooks/amp_cifar10.ipynb")
+write_notebook(cells, "notebooks/amp_cifar10.ipynb")

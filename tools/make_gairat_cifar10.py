@@ -1,6 +1,8 @@
 """Writes notebooks/gairat_cifar10.ipynb (outputs stripped). Run: python tools/make_gairat_cifar10.py"""
 import nbformat as nbf
 
+from nbwrite import write_notebook
+
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 
 cells = [
@@ -234,8 +236,4 @@ cells = [
          "        assert speed > 0.9, f\"GAIRAT runs at {speed:.0%} of PGD-AT's speed\"\n"
          "print(\"all checks passed\")"),
 ]
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-    "language_info": {"name": "python"}})
-nbf.write(nb, "notebooks/gairat_cifar10.ipynb")
-print("wrote notebooks/gairat_cifar10.ipynb")
+write_notebook(cells, "notebooks/gairat_cifar10.ipynb")

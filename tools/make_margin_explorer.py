@@ -1,6 +1,8 @@
 """Writes notebooks/margin_explorer.ipynb (outputs stripped). Run: python tools/make_margin_explorer.py"""
 import nbformat as nbf
 
+from nbwrite import write_notebook
+
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 
 cells = [
@@ -102,8 +104,4 @@ cells = [
          'assert path.exists()\n'
          'print("all checks passed")'),
 ]
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-    "language_info": {"name": "python"}})
-nbf.write(nb, "notebooks/margin_explorer.ipynb")
-print("wrote notebooks/margin_explorer.ipynb")
+write_notebook(cells, "notebooks/margin_explorer.ipynb")

@@ -1,6 +1,8 @@
 """Writes notebooks/mixup_theory.ipynb (outputs stripped). Run: python tools/make_mixup_theory.py"""
 import nbformat as nbf
 
+from nbwrite import write_notebook
+
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 
 cells = [
@@ -443,8 +445,4 @@ nbtools.save_table({"summary": summary}, "theory_summary", profile=profile)
 print(f"notebook took {time.perf_counter() - t_start:.1f} s; summary in figures/theory_summary_{profile}.json")'''),
 ]
 
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-    "language_info": {"name": "python"}})
-nbf.write(nb, "notebooks/mixup_theory.ipynb")
-print("wrote notebooks/mixup_theory.ipynb")
+write_notebook(cells, "notebooks/mixup_theory.ipynb")

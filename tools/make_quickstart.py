@@ -1,6 +1,8 @@
 """Writes notebooks/quickstart.ipynb (outputs stripped). Run: python tools/make_quickstart.py"""
 import nbformat as nbf
 
+from nbwrite import write_notebook
+
 cells = [
     nbf.v4.new_markdown_cell(
         "# mixlab quickstart: PGD adversarial training, evaluated\n\n"
@@ -90,8 +92,4 @@ cells = [
         "    assert results[\"pgd20\"] > 0.3, results\n"
         "print(\"all checks passed\")"),
 ]
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-    "language_info": {"name": "python"}})
-nbf.write(nb, "notebooks/quickstart.ipynb")
-print("wrote notebooks/quickstart.ipynb")
+write_notebook(cells, "notebooks/quickstart.ipynb")
