@@ -9,6 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 torch.set_num_threads(1)
+# Notebook kernels, JupyterLab and the CLI run as child processes: one thread each too. On a
+# 2-core machine two processes with two OpenMP threads each (a kernel beside Chromium, say)
+# spin against each other and run 5-20x slower than with one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
