@@ -217,6 +217,27 @@ def test_mma_step_on_tiny_net(norm, bf16):
     assert method.hp["d_max"] == {"Linf": 32 / 255, "L2": 2.0}[norm]
 
 
+@pytest.mark.gpu
+def test_mma_step_on_cuda_bf16_channels_last_without_host_syncs():
+    """The GPU path as the engine runs it; a host sync inside the step raises."""
+    model = build_model("tiny", 10, 3).cuda().to(memory_format=torch.channels_last).train()
+    x = torch.rand(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,), device="cuda")
+    idx = torch.arange(32, device="cuda")
+    method = MMA(num_train=64, num_classes=10, epochs=1, steps=3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        method.loss(model, x, y, idx, epoch=0)  # the first call moves the stored eps over
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, logits = method.loss(model, x, y, idx, epoch=0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    loss.backward()
+    assert torch.isfinite(loss).item() and method.eps.device.type == "cuda"
+    assert ((method.eps >= 0) & (method.eps <= method.max_eps + 1e-6)).all()
+
+
 def test_load_state_dict_rejects_other_data():
     method = MMA(num_train=10, num_classes=10, epochs=1)
     with pytest.raises(ValueError, match="training"):

@@ -149,7 +149,7 @@ class MMA(Method):
                                 steps=hp["steps"], search_steps=hp["search_steps"],
                                 step_scale=hp["step_scale"])
         # every example runs AN-PGD (no boolean indexing: that would sync with the host);
-        # the clean-misclassified ones then train on their clean point
+        # the ones not confidently correct then train on their clean point
         eps_star = torch.where(correct, eps_star, torch.zeros_like(eps_star))
         logits_adv = model(torch.where(correct.reshape(-1, 1, 1, 1), x_adv, x))
         self.eps[idx] = eps_star
