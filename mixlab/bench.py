@@ -137,6 +137,9 @@ NOTES = [
     "img_per_s: training examples per second including their attack (one PGD-10 step on a "
     "batch of B counts B images), fastest timed window, warm-up excluded, device synchronised",
     "method rows run the last epoch (epoch = epochs - 1) so every schedule is switched on",
+    "passes: the model's passes per step (PassCounter: train / attack / probe forwards, "
+    "backwards) and forward_equivalents = 3 train + 2 attack + 1 probe; "
+    "ratios.predicted_vs_pgd_at is what that count alone predicts for vs_pgd_at",
     "ceiling and data_path's synthetic side use one fixed on-device batch; methods go through "
     "the DeviceLoader with random crop + flip on the device",
     "peak_mem_mib: torch.cuda.max_memory_allocated during the row, including the resident "
@@ -266,6 +269,64 @@ def profile_steps(step: Callable[[Any], Any], batches: Iterator[Any], *, steps: 
     ops = [dict(name=e.key, calls=e.count, self_ms=getattr(e, key, 0.0) / 1000 / steps,
                 cpu_ms=e.self_cpu_time_total / 1000 / steps) for e in ranked]
     return table, ops
+
+
+class PassCounter:
+    """Counts a model's passes while active: the cost model behind each method's ratio.
+
+    One *pass* is the model applied to one batch. mixlab's attacks run the model in eval mode
+    and take gradients w.r.t. the input only; training runs it in train mode and
+    backpropagates into the weights. So, per batch:
+
+    * ``train``: forwards in train mode with autograd on (each later gets a full backward,
+      about 2 forwards' work: gradients for the input of every layer and for its weights);
+    * ``attack``: forwards in eval mode with autograd on (each gets an input-only backward,
+      about 1 forward's work);
+    * ``probe``: forwards without autograd (AN-PGD's bisection, FAT's early-stop check);
+    * ``backward``: backward passes that reached the model's output (train + attack when
+      every graph is differentiated).
+
+    ``forward_equivalents`` = 3·train + 2·attack + probe: the step's work in forwards, a
+    device-independent prediction of the time ratio between two methods on the same arch.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.counts = dict(train=0, attack=0, probe=0, backward=0)
+        self._handle = None
+
+    def _hook(self, module, inputs, output):
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            self.counts["probe"] += 1
+            return
+        self.counts["train" if module.training else "attack"] += 1
+
+        def on_backward(grad):
+            self.counts["backward"] += 1
+        output.register_hook(on_backward)
+
+    def __enter__(self) -> "PassCounter":
+        self._handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def summary(self, steps: int = 1) -> dict[str, float]:
+        """Passes per step, and the step's forward-equivalents."""
+        per = {k: v / steps for k, v in self.counts.items()}
+        per["forward_equivalents"] = 3 * per["train"] + 2 * per["attack"] + per["probe"]
+        return per
+
+
+def count_passes(step: Callable[[Any], Any], batches: Iterator[Any], model: torch.nn.Module,
+                 steps: int = 2) -> dict[str, float]:
+    """Passes per step of ``step`` (which must call ``model`` itself, not a compiled wrapper)
+    over ``steps`` steps; see PassCounter."""
+    with PassCounter(model) as counter:
+        for _ in range(steps):
+            step(next(batches))
+    return counter.summary(steps)
 
 
 def _peak_memory_reset(device: torch.device) -> None:
@@ -482,6 +543,8 @@ class _Bench:
         step = ceiling_step(self.fwd_model, optimizer, self.autocast)
         batches = _fixed_batch(self.train_ds, self.cfg["batch_size"], self.cfg["channels_last"])
         rec = self._run("ceiling", step, batches)
+        rec["passes"] = count_passes(ceiling_step(self.model, optimizer, self.autocast), batches,
+                                     self.model)
         return dict(kind="ceiling", batch_size=self.cfg["batch_size"], bf16=self.cfg["bf16"],
                     channels_last=self.cfg["channels_last"], compile=self.cfg["compile"], **rec)
 
@@ -517,8 +580,13 @@ class _Bench:
     def row_method(self, name: str) -> dict[str, Any]:
         torch.manual_seed(self.cfg["seed"])
         method, hp = self._method(name)
-        step = method_step(method, self.fwd_model, self._fresh(), self.autocast, self.epoch)
+        optimizer = self._fresh()
+        step = method_step(method, self.fwd_model, optimizer, self.autocast, self.epoch)
         rec = self._run(name, step, _cycle(self.loader))
+        # after timing, on the eager model (hooks and a compiled graph do not mix)
+        rec["passes"] = count_passes(
+            method_step(method, self.model, optimizer, self.autocast, self.epoch),
+            _cycle(self.loader), self.model)
         return dict(kind="method", batch_size=self.cfg["batch_size"], epoch=self.epoch,
                     hp=_jsonable(hp), **rec)
 
@@ -638,10 +706,15 @@ def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     def ratio(a, b):
         return a / b if a is not None and b else None
 
+    def work(name):  # forward-equivalents per step (PassCounter)
+        return rows.get(name, {}).get("passes", {}).get("forward_equivalents")
+
     names = [n for n in rows if n not in ("ceiling", "data_path")]
     return dict(
         vs_ceiling={n: ratio(speed(n), speed("ceiling")) for n in names},
         vs_pgd_at={n: ratio(speed(n), speed("pgd_at")) for n in names},
+        # what the pass count alone predicts for vs_pgd_at (same batch, same arch)
+        predicted_vs_pgd_at={n: ratio(work("pgd_at"), work(n)) for n in names if work(n)},
         pgd_at_vs_reference=ratio(speed("pgd_at"), speed("reference")),
         data_path_overhead=rows.get("data_path", {}).get("overhead"))
 
@@ -757,7 +830,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{result['label']}; data: {result['data']['dataset']}, "
             f"{result['date']}, commit {result['provenance'].get('git_commit', '?')[:10]}")
     lines = [head, f"{'row':<12}{'img/s':>10}{'ms/step':>10}{'batch':>7}{'/ceiling':>10}"
-                   f"{'/pgd_at':>9}{'peak MiB':>10}  note"]
+                   f"{'/pgd_at':>9}{'fwd-eq':>8}{'peak MiB':>10}  note"]
 
     def num(v, fmt):  # fmt like "10.1f": a missing value is a right-aligned "-"
         width = int(fmt.split(".")[0] or 0)
@@ -779,8 +852,11 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{row.get('batch_size', ''):>7}"
                      f"{num(r['vs_ceiling'].get(name), '10.3f')}"
                      f"{num(r['vs_pgd_at'].get(name), '9.3f')}"
+                     f"{num(row.get('passes', {}).get('forward_equivalents'), '8.1f')}"
                      f"{num(row.get('peak_mem_mib'), '10.0f')}  {note}")
     lines.append(f"pgd_at / reference: {num(r['pgd_at_vs_reference'], '.2f')} (x)")
+    lines.append("fwd-eq: the step's work in forward passes, 3 per training pass (forward + "
+                 "full backward), 2 per attack pass (input-only backward), 1 per probe")
     for attack, rec in result.get("eval", {}).items():
         if isinstance(rec, dict) and "img_per_s" in rec:
             lines.append(f"eval {attack:<6} n={rec['n']:<5} {rec['img_per_s']:10.1f} img/s "
@@ -796,8 +872,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def output_path(result: dict[str, Any], out: str | Path) -> Path:
     """``out`` itself if it ends in .json, else ``out/bench-<device>-<date>.json`` (with
-    ``-<arch>`` for another arch than preactresnet18 and ``-quick`` for quick runs, so that
-    runs of one day do not overwrite each other)."""
+    ``-<arch>`` for another arch than preactresnet18, ``-compile`` for compiled runs and
+    ``-quick`` for quick runs, so that runs of one day do not overwrite each other)."""
     out = Path(out)
     if out.suffix == ".json":
         return out
@@ -805,6 +881,8 @@ def output_path(result: dict[str, Any], out: str | Path) -> Path:
     name = f"bench-{result['device']}-{result['date']}"
     if cfg["arch"] != "preactresnet18" and not cfg["quick"]:
         name += f"-{cfg['arch']}"
+    if cfg.get("compile"):
+        name += "-compile"
     if cfg["quick"]:
         name += "-quick"
     return out / f"{name}.json"

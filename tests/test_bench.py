@@ -47,6 +47,8 @@ def test_quick_run_writes_every_row_and_ratio(quick):
             assert isinstance(row["error"], str) and row["error"]
             continue
         assert row["img_per_s"] > 0 and row["peak_mem_mib"] is None  # no GPU: no memory
+        if name not in ("data_path", "reference"):  # the cost model of every method row
+            assert row["passes"]["forward_equivalents"] >= 3, name
         if name != "data_path":
             assert row["steps"] == 2 and row["repeats"] == 2 and row["finite"] is True
     assert rc == (1 if any("error" in r for r in rows.values()) else 0)
@@ -129,6 +131,8 @@ def test_settings_and_names():
     result = dict(device="cpu", date="2026-01-02", config=dict(arch="wrn-32-10", quick=False))
     assert bench.output_path(result, "results").name == "bench-cpu-2026-01-02-wrn-32-10.json"
     assert bench.output_path(result, "x/y.json").as_posix() == "x/y.json"
+    result["config"].update(compile=True, arch="preactresnet18")
+    assert bench.output_path(result, "results").name == "bench-cpu-2026-01-02-compile.json"
     r = bench.ratios({"pgd_at": {"img_per_s": 10.0}, "reference": {"img_per_s": 2.0}})
     assert r["pgd_at_vs_reference"] == 5.0 and r["vs_ceiling"]["pgd_at"] is None
 
@@ -143,3 +147,31 @@ def test_reference_pgd_stays_in_the_ball():
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert kappa.shape == (4,) and ((kappa >= 0) & (kappa <= 3)).all()
+
+
+def test_pass_counts_are_the_cost_model_of_each_method():
+    """PassCounter sees what each method's step asks of the model: PGD-AT with k steps is k
+    attack passes and one training pass; MMA adds a training pass on the clean batch and one
+    probe at the PGD point plus one per bisection step."""
+    from mixlab.methods import get_method
+    from mixlab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 10, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y, idx = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.arange(8)
+    batch = bench.data_mod.Batch(x=x, y=y, idx=idx)
+    off = torch.autocast("cpu", enabled=False)
+
+    def passes(name, **hp):
+        method = get_method(name)(num_train=8, num_classes=10, epochs=1, **hp)
+        step = bench.method_step(method, model, opt, off, epoch=0)
+        return bench.count_passes(step, iter([batch] * 2), model, steps=2)
+
+    at = passes("pgd_at", steps=3)
+    assert at == dict(train=1, attack=3, probe=0, backward=4, forward_equivalents=9)
+    mma = passes("mma", steps=3, search_steps=4)
+    assert mma == dict(train=2, attack=3, probe=5, backward=5, forward_equivalents=17)
+    assert passes("erm")["forward_equivalents"] == 3
+    rows = {"pgd_at": {"img_per_s": 10.0, "passes": at}, "mma": {"img_per_s": 5.0, "passes": mma}}
+    assert bench.ratios(rows)["predicted_vs_pgd_at"]["mma"] == pytest.approx(9 / 17)

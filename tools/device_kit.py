@@ -44,6 +44,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -67,16 +68,23 @@ attrs certifi charset-normalizer click filelock fsspec idna jinja2 markupsafe ma
 numpy packaging pillow pip psutil pygments pyparsing python-dateutil pyyaml requests rich scipy
 six sympy torch torchvision tqdm typing-extensions urllib3""".split())
 
+#: pulled in by pip but never imported by a headless run: ipykernel's debugger (debugpy),
+#: IPython's completion (jedi) and the classic notebook's widget front end (tested: papermill
+#: runs the notebooks without them). 12.5 MB that the 64 MiB call limit needs for data.
+NOT_NEEDED = frozenset({"debugpy", "jedi", "widgetsnbextension"})
+
 #: pip's platform tags for the device (x86-64 Linux, glibc >= 2.28 covers every wheel needed)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 
 #: stage -> (carried folders, jobs). A job is (label, command after `python -m`, minutes it
-#: may take at most). Estimates for an H100 (issue 8's orientation figures: PGD-10 AT on
-#: PreActResNet-18 ~6,900 img/s, so one short run of 15 epochs x 50k images ~2 min) are in
-#: the comments; the stage's timeout is what holds.
+#: may take at most). The minutes are guesses for an H100 from issue 8's orientation figures
+#: (PGD-10 AT on PreActResNet-18 ~6,900 img/s: one short run, 15 epochs of 50k images, ~2 min;
+#: AutoAttack on 1,000 images ~2 min); the call's budget is what holds. A notebook stage that
+#: runs out of time keeps every finished epoch (checkpoints in $MIXLAB_RUNS, /tmp): calling it
+#: again while the machine is still warm (30 s) resumes the runs instead of starting over.
 STAGES: dict[str, tuple[tuple[str, ...], list[tuple[str, list[str], float]]]] = {
-    # ~4 min: every row on PreActResNet-18, the compiled rows, the WRN-32-10 targets
+    # every row on PreActResNet-18, the compiled rows, the WRN-32-10 targets
     "bench": (("whl", "cifar10"), [
         ("bench preactresnet18", ["mixlab.bench", "--arch", "preactresnet18"], 4),
         ("bench preactresnet18 compiled", ["mixlab.bench", "--arch", "preactresnet18",
@@ -85,17 +93,20 @@ STAGES: dict[str, tuple[tuple[str, ...], list[tuple[str, list[str], float]]]] = 
         ("bench wrn-32-10", ["mixlab.bench", "--arch", "wrn-32-10", "--methods",
                              "ceiling,reference,pgd_at,mma", "--aa-n", "0"], 3),
     ]),
-    # the main job: AMP beside PGD-AT (and the ablation runs), ~7 min
-    "amp": (("whl", "cifar10"), [("amp_cifar10", ["mixlab.notebooks", "--only", "amp_cifar10"], 9)]),
+    # the main job: ERM, mixup, PGD-AT and four AMP variants (likely two calls)
+    "amp": (("whl", "cifar10"), [("amp_cifar10", ["mixlab.notebooks", "--only", "amp_cifar10"], 10)]),
     "gairat": (("whl", "cifar10"), [("gairat_cifar10", ["mixlab.notebooks", "--only",
-                                                        "gairat_cifar10"], 9)]),
-    "mma": (("whl", "cifar10"), [("mma_cifar10", ["mixlab.notebooks", "--only", "mma_cifar10"], 9)]),
-    "mnist": (("whl", "mnist"), [("mma_mnist", ["mixlab.notebooks", "--only", "mma_mnist"], 9)]),
-    # one PGD-AT run each, plus the theory's small MLPs
+                                                        "gairat_cifar10"], 10)]),
+    "mma": (("whl", "cifar10"), [("mma_cifar10", ["mixlab.notebooks", "--only", "mma_cifar10"], 10)]),
+    # one PGD-AT run; the explorer's runs
     "quickstart": (("whl", "cifar10"), [
-        ("quickstart", ["mixlab.notebooks", "--only", "quickstart"], 4),
-        ("margin_explorer", ["mixlab.notebooks", "--only", "margin_explorer"], 3),
-        ("mixup_theory", ["mixlab.notebooks", "--only", "mixup_theory"], 4),
+        ("quickstart", ["mixlab.notebooks", "--only", "quickstart"], 5),
+        ("margin_explorer", ["mixlab.notebooks", "--only", "margin_explorer"], 5),
+    ]),
+    # MNIST MMA; the theory notebook (small MLPs, an MNIST gap study, ERM vs mixup on CIFAR-10)
+    "mnist": (("whl", "mnist", "cifar10"), [
+        ("mma_mnist", ["mixlab.notebooks", "--only", "mma_mnist"], 5),
+        ("mixup_theory", ["mixlab.notebooks", "--only", "mixup_theory"], 5),
     ]),
 }
 
@@ -139,7 +150,7 @@ def pack(shared_data: Path, python_version: str = "3.12", dest: Path = CARRY) ->
                     "--python-version", python_version, "--implementation", "cp", *platforms,
                     "-d", str(whl), *REQUIREMENTS], check=True)
     for wheel in sorted(whl.glob("*.whl")):
-        if wheel_project(wheel) in DEVICE_HAS:
+        if wheel_project(wheel) in DEVICE_HAS | NOT_NEEDED:
             wheel.unlink()
         elif wheel_project(wheel) == "pyautoattack":
             slim_wheel(wheel, "pyautoattack/examples/")
@@ -184,6 +195,19 @@ def install_missing_wheels(wheels: Path, site: Path) -> list[str]:
                         "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
                         *map(str, missing)], check=True)
     return [wheel_project(w) for w in missing]
+
+
+def run_in_own_group(argv: list[str], *, env: dict, log, timeout: float) -> int | str:
+    """Run ``argv`` in a new process group; on timeout kill the whole group (papermill's
+    kernel too, so it frees the GPU); returns the exit status or "timeout"."""
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout"
 
 
 def newer_files(folders: list[Path], since: float) -> list[Path]:
@@ -233,13 +257,12 @@ def stage(name: str, out: Path, *, profile: str = "short", budget_s: float = 600
             argv += ["--quick"] if module_args[0] == "mixlab.bench" and profile == "smoke" else []
             t0 = time.time()
             say(f"start {label}: {' '.join(argv[1:])} (timeout {min(left, 60 * minutes):.0f} s)")
-            try:
-                rc = subprocess.run(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=min(left, 60 * minutes)).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
+            rc = run_in_own_group(argv, env=env, log=log, timeout=min(left, 60 * minutes))
             failures += rc != 0
             say(f"{'ok   ' if rc == 0 else 'FAIL '} {label}: exit {rc}, {time.time() - t0:.0f} s")
+            if rc == "timeout":
+                say(f"  {label} ran out of time: its finished epochs are in {env['MIXLAB_RUNS']}; "
+                    f"call this stage again at once (the machine stays warm 30 s) to resume")
         made = newer_files([ROOT / "figures", ROOT / "results"], t_start)
         with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
             for f in made:
@@ -248,15 +271,19 @@ def stage(name: str, out: Path, *, profile: str = "short", budget_s: float = 600
     return 1 if failures else 0
 
 
-def unpack(archives: list[Path]) -> None:
-    """Extract stage archives into the checkout (only figures/ and results/ paths)."""
+def unpack(archives: list[Path], root: Path = ROOT) -> list[str]:
+    """Extract stage archives into the checkout ``root``: plain files under figures/ and
+    results/ only; returns their paths."""
+    done = []
     for archive in archives:
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers()
                        if m.isfile() and m.name.split("/")[0] in ("figures", "results")
-                       and ".." not in m.name.split("/")]
-            tar.extractall(ROOT, members=members)
-        print(f"{archive}: {len(members)} files into {ROOT}")
+                       and ".." not in m.name.split("/") and not m.name.startswith("/")]
+            tar.extractall(root, members=members)
+        done += [m.name for m in members]
+        print(f"{archive}: {len(members)} files into {root}")
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,105 @@
+"""tools/device_kit.py: the stages that bring GPU results back fit the device tool's rules,
+name real notebooks and bench rows, and pack what they made even when a job fails."""
+import importlib.util
+import io
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mixlab import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def kit():
+    spec = importlib.util.spec_from_file_location("device_kit", ROOT / "tools" / "device_kit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stages_name_real_notebooks_rows_and_carried_folders(kit):
+    notebooks = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    covered = set()
+    for name, (carry, jobs) in kit.STAGES.items():
+        assert set(carry) <= {"whl", "cifar10", "mnist"} and "whl" in carry, name
+        assert len(carry) <= 8  # the device tool carries at most 8 paths
+        # each stage must fit one 10-minute call with room to pack
+        assert sum(limit for *_, limit in jobs) * 60 <= 660, name
+        for label, argv, _ in jobs:
+            if argv[0] == "mixlab.notebooks":
+                only = argv[argv.index("--only") + 1:]
+                assert set(only) <= notebooks, only
+                covered |= set(only)
+            else:
+                assert argv[0] == "mixlab.bench"
+                methods = argv[argv.index("--methods") + 1].split(",") if "--methods" in argv else None
+                bench.resolve_settings(methods=methods, device="cpu")  # raises on unknown rows
+    assert covered == notebooks  # every notebook gets its GPU figures from some stage
+    assert "mma_mnist" in str(kit.STAGES["mnist"]) and "mnist" in kit.STAGES["mnist"][0]
+    plan = kit.plan()
+    for name in kit.STAGES:
+        assert f"stage {name} --out $OUT" in plan
+
+
+def test_slim_wheel_drops_a_folder_and_its_record_lines(kit, tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/__init__.py", "x = 1\n")
+        z.writestr("pkg/examples/big.pt", b"\0" * 1000)
+        z.writestr("pkg-1.0.dist-info/RECORD",
+                   "pkg/__init__.py,sha256=a,6\npkg/examples/big.pt,sha256=b,1000\n"
+                   "pkg-1.0.dist-info/RECORD,,\n")
+    kit.slim_wheel(wheel, "pkg/examples/")
+    with zipfile.ZipFile(wheel) as z:
+        assert sorted(z.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py"]
+        assert "examples" not in z.read("pkg-1.0.dist-info/RECORD").decode()
+
+
+def test_only_missing_wheels_are_installed(kit, tmp_path, monkeypatch):
+    for name in ("pytest-99.0-py3-none-any.whl", "no_such_dist_xyz-1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(kit.subprocess, "run", lambda argv, **kw: calls.append(argv))
+    assert kit.install_missing_wheels(tmp_path, tmp_path / "site") == ["no-such-dist-xyz"]
+    assert len(calls) == 1 and calls[0][-1].endswith("no_such_dist_xyz-1.0-py3-none-any.whl")
+    assert "--no-index" in calls[0] and "--no-deps" in calls[0]
+
+
+def test_unpack_takes_figures_and_results_only(kit, tmp_path):
+    archive = tmp_path / "stage.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("figures/a_short.png", "results/bench.json", "mixlab/evil.py",
+                     "figures/../../evil.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ok"))
+    root = tmp_path / "checkout"
+    root.mkdir()
+    assert kit.unpack([archive], root) == ["figures/a_short.png", "results/bench.json"]
+    assert (root / "figures" / "a_short.png").read_text() == "ok"
+    assert not (root / "mixlab").exists() and not (tmp_path / "evil.txt").exists()
+
+
+@pytest.mark.slow
+def test_a_stage_logs_each_job_and_packs_even_when_one_fails(kit, tmp_path, monkeypatch):
+    monkeypatch.setitem(kit.STAGES, "probe", ((), [
+        ("works", ["mixlab", "info", "--help"], 1),
+        ("breaks", ["mixlab", "no-such-command"], 1),
+        ("hangs", ["timeit", "-n", "1", "-r", "1", "__import__('time').sleep(60)"], 0.05)]))
+    rc = kit.stage("probe", tmp_path / "out", profile="smoke", budget_s=300,
+                   data_root=tmp_path / "data", runs_root=tmp_path / "runs")
+    assert rc == 1
+    log = (tmp_path / "out" / "probe.log").read_text()
+    assert "ok    works: exit 0" in log and "FAIL  breaks: exit 2" in log
+    assert "FAIL  hangs: exit timeout, 3 s" in log and "call this stage again" in log
+    assert "packed 0 files" in log  # nothing new in figures/ or results/
+    with tarfile.open(tmp_path / "out" / "probe.tar.gz") as tar:
+        assert tar.getnames() == []
+    # a call with too little time left skips its jobs instead of overrunning the limit
+    assert kit.stage("probe", tmp_path / "late", profile="smoke", budget_s=50) == 1
+    assert "SKIP" in (tmp_path / "late" / "probe.log").read_text()
