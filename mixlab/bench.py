@@ -872,8 +872,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def output_path(result: dict[str, Any], out: str | Path) -> Path:
     """``out`` itself if it ends in .json, else ``out/bench-<device>-<date>.json`` (with
-    ``-<arch>`` for another arch than preactresnet18, ``-compile`` for compiled runs and
-    ``-quick`` for quick runs, so that runs of one day do not overwrite each other)."""
+    ``-<arch>`` for another arch than preactresnet18, ``-compile`` for compiled runs,
+    ``-eval`` for evaluation-only runs and ``-quick`` for quick runs, so that runs of one day do not overwrite each other)."""
     out = Path(out)
     if out.suffix == ".json":
         return out
@@ -883,6 +883,8 @@ def output_path(result: dict[str, Any], out: str | Path) -> Path:
         name += f"-{cfg['arch']}"
     if cfg.get("compile"):
         name += "-compile"
+    if cfg.get("methods") == ["eval"]:  # evaluation throughput alone (usually --checkpoint)
+        name += "-eval"
     if cfg["quick"]:
         name += "-quick"
     return out / f"{name}.json"

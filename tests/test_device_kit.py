@@ -37,7 +37,8 @@ def test_stages_name_real_notebooks_rows_and_carried_folders(kit):
                 covered |= set(only)
             else:
                 assert argv[0] == "mixlab.bench"
-                methods = argv[argv.index("--methods") + 1].split(",") if "--methods" in argv else None
+                methods = (argv[argv.index("--methods") + 1].split(",") if "--methods" in argv
+                           else None)
                 bench.resolve_settings(methods=methods, device="cpu")  # raises on unknown rows
     assert covered == notebooks  # every notebook gets its GPU figures from some stage
     assert "mma_mnist" in str(kit.STAGES["mnist"]) and "mnist" in kit.STAGES["mnist"][0]

@@ -98,11 +98,17 @@ STAGES: dict[str, tuple[tuple[str, ...], list[tuple[str, list[str], float]]]] = 
     "gairat": (("whl", "cifar10"), [("gairat_cifar10", ["mixlab.notebooks", "--only",
                                                         "gairat_cifar10"], 10)]),
     "mma": (("whl", "cifar10"), [("mma_cifar10", ["mixlab.notebooks", "--only", "mma_cifar10"], 10)]),
-    # one PGD-AT run; the explorer's runs
+    # one PGD-AT run, then AutoAttack's throughput on that trained model (issue 8's
+    # "AutoAttack on 1,000 images" target, on a robust model rather than the bench's
+    # untrained one)
     "quickstart": (("whl", "cifar10"), [
-        ("quickstart", ["mixlab.notebooks", "--only", "quickstart"], 5),
-        ("margin_explorer", ["mixlab.notebooks", "--only", "margin_explorer"], 5),
+        ("quickstart", ["mixlab.notebooks", "--only", "quickstart"], 6),
+        ("bench eval, trained PGD-AT", ["mixlab.bench", "--methods", "eval", "--checkpoint",
+                                        "{runs}/quickstart/{profile}/cifar10-pgd_at"], 4),
     ]),
+    # the explorer's runs (PGD-AT and MMA) and its static figure
+    "explorer": (("whl", "cifar10"), [("margin_explorer", ["mixlab.notebooks", "--only",
+                                                           "margin_explorer"], 10)]),
     # MNIST MMA; the theory notebook (small MLPs, an MNIST gap study, ERM vs mixup on CIFAR-10)
     "mnist": (("whl", "mnist", "cifar10"), [
         ("mma_mnist", ["mixlab.notebooks", "--only", "mma_mnist"], 5),
@@ -252,7 +258,8 @@ def stage(name: str, out: Path, *, profile: str = "short", budget_s: float = 600
                 say(f"SKIP  {label}: {left:.0f} s left in the call's budget")
                 failures += 1
                 continue
-            argv = [sys.executable, "-m", *module_args]
+            argv = [sys.executable, "-m",
+                    *(a.format(runs=env["MIXLAB_RUNS"], profile=profile) for a in module_args)]
             argv += ["--profile", profile] if module_args[0] == "mixlab.notebooks" else []
             argv += ["--quick"] if module_args[0] == "mixlab.bench" and profile == "smoke" else []
             t0 = time.time()
