@@ -59,6 +59,7 @@ def test_quick_run_writes_every_row_and_ratio(quick):
     assert ratios["vs_pgd_at"]["pgd_at"] == pytest.approx(1.0)
     assert ratios["pgd_at_vs_reference"] > 0
     assert ratios["data_path_overhead"] == pytest.approx(rows["data_path"]["overhead"])
+    assert 0 < rows["data_path"]["loader_share"] < 1  # making a batch costs less than a step
     assert result["eval"]["pgd20"]["img_per_s"] > 0 and result["eval"]["pgd20"]["n"] == 64
     assert "skipped" in result["eval"]["aa"]
     # absolute speed targets claim nothing on a CPU; ratio targets are computed

@@ -26,6 +26,15 @@ midpoint, either side of the boundary: the two differ by < max_eps/2**10); the t
 x + ε*·u is clamped to [0, 1] like every probe of the search; the search and the validation
 margins run with the model in eval mode (the official search ran in train mode).
 
+Cost per batch, in forward passes (``mixlab.bench.PassCounter``): a training pass on the clean
+batch (3), ``steps`` PGD passes with input-only gradients (2 each), one probe at the PGD point
+and ``search_steps`` bisection probes (1 each), the training pass at the AN-PGD points (3):
+27 + 2·(steps − 10) + search_steps, i.e. 37 at the paper's settings against PGD-10 AT's 23, so
+MMA takes about 1.6x the time of PGD-AT per example on any device. The measured ratio follows
+(CPU: 1.67x measured, 1.61x predicted). Cheaper, at the paper's expense: ``search_steps=5``
+(bisection precision max_eps/32 instead of /1024) gives 32 (1.39x); OMMA (``clean_coeff=0``)
+makes the clean pass a probe, 35 at the paper's settings.
+
 >>> model, history = train(**PRESETS["cifar10-linf"]["short"], run_dir="runs/mma")
 >>> model, history = train(method="mma", norm="L2", d_max=2.0, profile="smoke")
 """
