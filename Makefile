@@ -12,13 +12,14 @@ PROFILE ?= $(shell $(PY) -c "import torch; print('short' if torch.cuda.is_availa
 DEMO_NOTEBOOK ?= amp_cifar10
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup data browser notebooks bench clean help
+.PHONY: demo test setup data browser notebooks bench device-pack clean help
 
 help:
 	@echo "make demo   - set up .venv and data, run notebooks/$(DEMO_NOTEBOOK).ipynb (profile: smoke on CPU, short on CUDA)"
 	@echo "make test   - set up .venv and data, run the test suite"
 	@echo "make notebooks - run every notebook with papermill in PROFILE"
 	@echo "make bench  - python -m mixlab.bench (quick on CPU)"
+	@echo "make device-pack - wheels and data for a GPU session's device calls (DEVELOPERS.md)"
 
 setup: $(STAMP)
 
@@ -66,6 +67,11 @@ notebooks: setup data
 
 bench: setup
 	$(PY) -m mixlab.bench $(if $(filter smoke,$(PROFILE)),--quick,)
+
+# what a session lent a GPU carries to the device machine (ignored .carry/; DEVELOPERS.md)
+device-pack:
+	python3 tools/device_kit.py pack --shared-data $(SHARED_DATA)
+	python3 tools/device_kit.py plan
 
 clean:
 	rm -rf runs .pytest_cache

@@ -7,9 +7,11 @@ JupyterLab, so relative paths behave the same everywhere.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .nbtools import project_dir
 
@@ -37,14 +39,30 @@ def run_notebook(path: Path, *, profile: str, out_dir: Path, parameters: dict | 
     return out
 
 
+def parse_param(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' -> (KEY, VALUE), the value read as JSON where it parses (numbers, lists,
+    true/false), else kept as the string: ``variants=["base","both"]``, ``n_eval=500``."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mixlab.notebooks", description=__doc__)
     p.add_argument("--profile", default="smoke", choices=["smoke", "short", "paper"])
     p.add_argument("--only", nargs="*", help="notebook names without .ipynb")
     p.add_argument("--device", default=None, help="passed as the `device` parameter")
+    p.add_argument("--param", "-p", type=parse_param, action="append", default=[],
+                   metavar="KEY=VALUE", help="a notebook parameter (JSON value, else a string); "
+                   "repeatable; a notebook without that parameter ignores it, as papermill does")
     args = p.parse_args(argv)
     out_dir = project_dir() / "runs" / "notebooks" / args.profile
     params = {"device": args.device} if args.device else {}
+    params.update(args.param)
     failed = []
     for path in notebook_paths(args.only):
         t0 = time.perf_counter()

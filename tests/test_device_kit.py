@@ -104,3 +104,22 @@ def test_a_stage_logs_each_job_and_packs_even_when_one_fails(kit, tmp_path, monk
     # a call with too little time left skips its jobs instead of overrunning the limit
     assert kit.stage("probe", tmp_path / "late", profile="smoke", budget_s=50) == 1
     assert "SKIP" in (tmp_path / "late" / "probe.log").read_text()
+
+
+def test_notebook_parameters_reach_the_notebook_jobs(kit, tmp_path, monkeypatch):
+    from mixlab.notebooks import parse_param
+
+    assert parse_param('variants=["base","both"]') == ("variants", ["base", "both"])
+    assert parse_param("n_eval=500") == ("n_eval", 500)
+    assert parse_param("norm=L2") == ("norm", "L2")
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        parse_param("just-a-word")
+    seen = []
+    monkeypatch.setattr(kit, "run_in_own_group", lambda argv, **kw: seen.append(argv) or 0)
+    monkeypatch.setitem(kit.STAGES, "probe", ((), [
+        ("nb", ["mixlab.notebooks", "--only", "quickstart"], 1),
+        ("bench", ["mixlab.bench", "--methods", "eval", "--checkpoint", "{runs}/q/{profile}"], 1)]))
+    assert kit.stage("probe", tmp_path, profile="short", params=['variants=["base"]'],
+                     runs_root=tmp_path / "runs") == 0
+    assert seen[0][-3:] == ["--profile", "short", '--param=variants=["base"]']
+    assert seen[1][-1] == f"{tmp_path / 'runs'}/q/short"  # placeholders filled, no --param

@@ -222,9 +222,11 @@ def newer_files(folders: list[Path], since: float) -> list[Path]:
 
 
 def stage(name: str, out: Path, *, profile: str = "short", budget_s: float = 600,
-          data_root: Path | None = None, runs_root: Path | None = None) -> int:
+          params: list[str] = (), data_root: Path | None = None,
+          runs_root: Path | None = None) -> int:
     """Run one stage (see STAGES) in the checkout; write ``out/<name>.tar.gz`` and
-    ``out/<name>.log``. Exit status: 0 if every job passed, else 1."""
+    ``out/<name>.log``. ``params``: KEY=VALUE notebook parameters passed to every notebook
+    job (``python -m mixlab.notebooks --param``). Exit status: 0 if every job passed, else 1."""
     t_start = time.time()
     carry, jobs = STAGES[name]
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +262,8 @@ def stage(name: str, out: Path, *, profile: str = "short", budget_s: float = 600
                 continue
             argv = [sys.executable, "-m",
                     *(a.format(runs=env["MIXLAB_RUNS"], profile=profile) for a in module_args)]
-            argv += ["--profile", profile] if module_args[0] == "mixlab.notebooks" else []
+            if module_args[0] == "mixlab.notebooks":
+                argv += ["--profile", profile, *(f"--param={p}" for p in params)]
             argv += ["--quick"] if module_args[0] == "mixlab.bench" and profile == "smoke" else []
             t0 = time.time()
             say(f"start {label}: {' '.join(argv[1:])} (timeout {min(left, 60 * minutes):.0f} s)")
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--out", type=Path, required=True, help="$OUT on the device")
     st.add_argument("--profile", default="short", choices=["smoke", "short", "paper"])
     st.add_argument("--budget-s", type=float, default=600, help="the call's time limit")
+    st.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                    help="notebook parameter for every notebook job, e.g. "
+                         "'variants=[\"base\",\"both\"]' to trim AMP's ablation")
     up = sub.add_parser("unpack", help="extract stage archives into figures/ and results/")
     up.add_argument("archives", nargs="+", type=Path)
     args = p.parse_args(argv)
@@ -315,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "plan":
         print(plan())
     elif args.command == "stage":
-        return stage(args.name, args.out, profile=args.profile, budget_s=args.budget_s)
+        return stage(args.name, args.out, profile=args.profile, budget_s=args.budget_s,
+                     params=args.param)
     else:
         unpack(args.archives)
     return 0
