@@ -35,6 +35,8 @@ def test_stages_name_real_notebooks_rows_and_carried_folders(kit):
                 only = argv[argv.index("--only") + 1:]
                 assert set(only) <= notebooks, only
                 covered |= set(only)
+            elif argv[0] == "pytest":
+                assert "-m" in argv and "tests" in argv
             else:
                 assert argv[0] == "mixlab.bench"
                 methods = (argv[argv.index("--methods") + 1].split(",") if "--methods" in argv

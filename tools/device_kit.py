@@ -84,6 +84,13 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x
 #: runs out of time keeps every finished epoch (checkpoints in $MIXLAB_RUNS, /tmp): calling it
 #: again while the machine is still warm (30 s) resumes the runs instead of starting over.
 STAGES: dict[str, tuple[tuple[str, ...], list[tuple[str, list[str], float]]]] = {
+    # the CUDA-only tests (skipped on every CPU machine), then the unit suite where CUDA is
+    # present (device="auto" paths take the GPU there)
+    "tests": (("whl",), [
+        ("pytest -m gpu", ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 4),
+        ("unit tests", ["pytest", "-m", "not notebook and not browser and not gpu", "-q",
+                        "-p", "no:cacheprovider", "tests"], 5),
+    ]),
     # every row on PreActResNet-18, the compiled rows, the WRN-32-10 targets
     "bench": (("whl", "cifar10"), [
         ("bench preactresnet18", ["mixlab.bench", "--arch", "preactresnet18"], 4),
