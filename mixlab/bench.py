@@ -881,7 +881,8 @@ def format_table(result: dict[str, Any]) -> str:
 def output_path(result: dict[str, Any], out: str | Path) -> Path:
     """``out`` itself if it ends in .json, else ``out/bench-<device>-<date>.json`` (with
     ``-<arch>`` for another arch than preactresnet18, ``-compile`` for compiled runs,
-    ``-eval`` for evaluation-only runs and ``-quick`` for quick runs, so that runs of one day do not overwrite each other)."""
+    ``-eval`` for evaluation-only runs and ``-quick`` for quick runs, so that runs of one day
+    do not overwrite each other)."""
     out = Path(out)
     if out.suffix == ".json":
         return out

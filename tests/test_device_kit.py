@@ -125,3 +125,13 @@ def test_notebook_parameters_reach_the_notebook_jobs(kit, tmp_path, monkeypatch)
                      runs_root=tmp_path / "runs") == 0
     assert seen[0][-3:] == ["--profile", "short", '--param=variants=["base"]']
     assert seen[1][-1] == f"{tmp_path / 'runs'}/q/short"  # placeholders filled, no --param
+
+
+def test_missing_carried_data_fails_the_stage_with_a_hint(kit, tmp_path, monkeypatch):
+    monkeypatch.setattr(kit, "CARRY", tmp_path / "no-carry")
+    ran = []
+    monkeypatch.setattr(kit, "run_in_own_group", lambda argv, **kw: ran.append(argv) or 0)
+    monkeypatch.setitem(kit.STAGES, "probe", (("cifar10",), [("nb", ["mixlab.notebooks"], 1)]))
+    assert kit.stage("probe", tmp_path / "out", data_root=tmp_path / "data") == 1
+    assert ran == []  # no job runs without its data
+    assert "was .carry/cifar10 named in carry?" in (tmp_path / "out" / "probe.log").read_text()

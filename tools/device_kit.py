@@ -5,7 +5,7 @@ the Jupyter stack, cannot reach PyPI, and does not see ``../shared``. One call r
 10 minutes and a session has 30 minutes of device time, so the work is cut into stages that
 each fit one call and bring their figures back in one archive.
 
-1. Here, once per session (stdlib + pip; a minute)::
+1. Here, once per session (stdlib + pip; seconds)::
 
        python3 tools/device_kit.py pack
 
@@ -23,7 +23,7 @@ each fit one call and bring their figures back in one archive.
 
    A stage installs the carried wheels the machine lacks into /tmp/site (``pip --no-index
    --no-deps``), unpacks the data into /tmp/mixlab-data (kept while the machine stays warm),
-   runs its jobs in ``PROFILE`` (short) each under a timeout that leaves time to pack, and
+   runs its jobs in the ``--profile`` (short), each under a timeout that leaves time to pack, and
    writes ``$OUT/<stage>.tar.gz`` (the figures, tables and bench JSON it made) and
    ``$OUT/<stage>.log``. It packs whatever was made even when a job fails or times out.
 
@@ -77,6 +77,11 @@ NOT_NEEDED = frozenset({"debugpy", "jedi", "widgetsnbextension"})
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 
+def notebook_job(name: str, minutes: float) -> tuple[str, list[str], float]:
+    """A job that runs notebooks/<name>.ipynb with papermill (``python -m mixlab.notebooks``)."""
+    return name, ["mixlab.notebooks", "--only", name], minutes
+
+
 #: stage -> (carried folders, jobs). A job is (label, command after `python -m`, minutes it
 #: may take at most). The minutes are guesses for an H100 from issue 8's orientation figures
 #: (PGD-10 AT on PreActResNet-18 ~6,900 img/s: one short run, 15 epochs of 50k images, ~2 min;
@@ -101,25 +106,23 @@ STAGES: dict[str, tuple[tuple[str, ...], list[tuple[str, list[str], float]]]] = 
                              "ceiling,reference,pgd_at,mma", "--aa-n", "0"], 3),
     ]),
     # the main job: ERM, mixup, PGD-AT and four AMP variants (likely two calls)
-    "amp": (("whl", "cifar10"), [("amp_cifar10", ["mixlab.notebooks", "--only", "amp_cifar10"], 10)]),
-    "gairat": (("whl", "cifar10"), [("gairat_cifar10", ["mixlab.notebooks", "--only",
-                                                        "gairat_cifar10"], 10)]),
-    "mma": (("whl", "cifar10"), [("mma_cifar10", ["mixlab.notebooks", "--only", "mma_cifar10"], 10)]),
+    "amp": (("whl", "cifar10"), [notebook_job("amp_cifar10", 10)]),
+    "gairat": (("whl", "cifar10"), [notebook_job("gairat_cifar10", 10)]),
+    "mma": (("whl", "cifar10"), [notebook_job("mma_cifar10", 10)]),
     # one PGD-AT run, then AutoAttack's throughput on that trained model (issue 8's
     # "AutoAttack on 1,000 images" target, on a robust model rather than the bench's
     # untrained one)
     "quickstart": (("whl", "cifar10"), [
-        ("quickstart", ["mixlab.notebooks", "--only", "quickstart"], 6),
+        notebook_job("quickstart", 6),
         ("bench eval, trained PGD-AT", ["mixlab.bench", "--methods", "eval", "--checkpoint",
                                         "{runs}/quickstart/{profile}/cifar10-pgd_at"], 4),
     ]),
     # the explorer's runs (PGD-AT and MMA) and its static figure
-    "explorer": (("whl", "cifar10"), [("margin_explorer", ["mixlab.notebooks", "--only",
-                                                           "margin_explorer"], 10)]),
+    "explorer": (("whl", "cifar10"), [notebook_job("margin_explorer", 10)]),
     # MNIST MMA; the theory notebook (small MLPs, an MNIST gap study, ERM vs mixup on CIFAR-10)
     "mnist": (("whl", "mnist", "cifar10"), [
-        ("mma_mnist", ["mixlab.notebooks", "--only", "mma_mnist"], 5),
-        ("mixup_theory", ["mixlab.notebooks", "--only", "mixup_theory"], 5),
+        notebook_job("mma_mnist", 5),
+        notebook_job("mixup_theory", 5),
     ]),
 }
 
@@ -238,7 +241,8 @@ def stage(name: str, out: Path, *, profile: str = "short", budget_s: float = 600
     carry, jobs = STAGES[name]
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / f"{name}.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "8"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "8"))
     env["MIXLAB_DATA"] = str(data_root or Path(tempfile.gettempdir()) / "mixlab-data")
     env["MIXLAB_RUNS"] = str(runs_root or Path(tempfile.gettempdir()) / "mixlab-runs")
     failures = 0
@@ -255,12 +259,14 @@ def stage(name: str, out: Path, *, profile: str = "short", budget_s: float = 600
             say(f"installed {len(installed)} wheels into {site}: {' '.join(installed) or '-'}")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), str(ROOT),
                                                         env.get("PYTHONPATH")) if p)
-        for folder in carry:
-            if folder != "whl":
-                subprocess.run([sys.executable, "-m", "mixlab", "prepare", "--from",
-                                str(CARRY / folder)], env=env, cwd=ROOT, check=True,
-                               stdout=log, stderr=subprocess.STDOUT)
-                say(f"data from .carry/{folder} ready in {env['MIXLAB_DATA']}")
+        for folder in (f for f in carry if f != "whl"):
+            rc = subprocess.run([sys.executable, "-m", "mixlab", "prepare", "--from",
+                                 str(CARRY / folder)], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT).returncode
+            say(f"data from .carry/{folder}: " + (f"ready in {env['MIXLAB_DATA']}" if rc == 0 else
+                f"FAILED (exit {rc}; was .carry/{folder} named in carry?)"))
+            if rc != 0:  # every job needs its data: report, pack nothing, stop
+                jobs, failures = [], len(jobs)
         for label, module_args, minutes in jobs:
             left = budget_s - PACK_RESERVE_S - (time.time() - t_start)
             if left < 30:
