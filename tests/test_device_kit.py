@@ -135,3 +135,15 @@ def test_missing_carried_data_fails_the_stage_with_a_hint(kit, tmp_path, monkeyp
     assert kit.stage("probe", tmp_path / "out", data_root=tmp_path / "data") == 1
     assert ran == []  # no job runs without its data
     assert "was .carry/cifar10 named in carry?" in (tmp_path / "out" / "probe.log").read_text()
+
+
+def test_plan_marks_the_stages_whose_gpu_results_exist(kit, tmp_path):
+    assert set(kit.STAGE_RESULTS) == set(kit.STAGES) - {"tests"}
+    assert "[to do]" in kit.plan(tmp_path) and "[done" not in kit.plan(tmp_path)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "amp_paths_short.png").write_bytes(b"")
+    (tmp_path / "figures" / "gairat_curves_smoke.png").write_bytes(b"")  # smoke: not a GPU run
+    lines = {line.split("stage ")[1].split()[0]: line
+             for line in kit.plan(tmp_path).splitlines()[1:]}
+    assert "[done: 1 files]" in lines["amp"] and "[to do]" in lines["gairat"]
+    assert "[log only]" in lines["tests"]

@@ -126,6 +126,18 @@ STAGES: dict[str, tuple[tuple[str, ...], list[tuple[str, list[str], float]]]] = 
     ]),
 }
 
+#: what each stage leaves in the checkout once its archive is unpacked (GPU runs only: the
+#: bench's CPU results are named bench-cpu-*, the smoke figures *_smoke.*)
+STAGE_RESULTS = {
+    "bench": ("results/bench-nvidia-*.json",),
+    "amp": ("figures/amp_*_short.png",),
+    "gairat": ("figures/gairat_*_short.png",),
+    "mma": ("figures/mma_cifar10_*_short.png",),
+    "quickstart": ("figures/quickstart_*_short.png",),
+    "explorer": ("figures/margin_explorer_*_short.png",),
+    "mnist": ("figures/mma_mnist_*_short.png", "figures/theory_*_short.png"),
+}
+
 #: one device command may run 10 minutes; the stage keeps this much for packing and margin
 PACK_RESERVE_S = 45
 
@@ -185,13 +197,22 @@ def pack(shared_data: Path, python_version: str = "3.12", dest: Path = CARRY) ->
         print(f"{dest / name}: {size / 2**20:.1f} MiB")
 
 
-def plan() -> str:
-    """The device calls, one per stage, in the order worth spending device time on."""
+def stage_results(name: str, root: Path = ROOT) -> list[Path]:
+    """The committed GPU results of a stage (STAGE_RESULTS globs), if any."""
+    return sorted(f for pattern in STAGE_RESULTS.get(name, ()) for f in root.glob(pattern))
+
+
+def plan(root: Path = ROOT) -> str:
+    """The device calls, one per stage, in the order worth spending device time on, each
+    marked with whether its GPU results are already in the checkout."""
     lines = ["# one run per stage; each <= 10 min; unpack each $OUT archive here afterwards"]
     for stage, (carry, jobs) in STAGES.items():
         minutes = sum(limit for _, _, limit in jobs)
+        have = stage_results(stage, root)
+        status = ("log only" if stage not in STAGE_RESULTS else
+                  f"done: {len(have)} files" if have else "to do")
         lines.append(f'run(command="python3 tools/device_kit.py stage {stage} --out $OUT", '
-                     f'carry={[f".carry/{c}" for c in carry]})   # jobs: '
+                     f'carry={[f".carry/{c}" for c in carry]})   # [{status}] jobs: '
                      f'{", ".join(label for label, _, _ in jobs)} (<= {minutes:g} min)')
     return "\n".join(lines)
 
