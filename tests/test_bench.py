@@ -176,3 +176,20 @@ def test_pass_counts_are_the_cost_model_of_each_method():
     assert passes("erm")["forward_equivalents"] == 3
     rows = {"pgd_at": {"img_per_s": 10.0, "passes": at}, "mma": {"img_per_s": 5.0, "passes": mma}}
     assert bench.ratios(rows)["predicted_vs_pgd_at"]["mma"] == pytest.approx(9 / 17)
+
+
+@pytest.mark.slow
+def test_compiled_rows_run_on_cpu_and_count_passes_on_the_eager_model(tmp_path):
+    """The bench's --compile path (the GPU targets' setting) runs on a CPU too: rows time the
+    compiled model, pass counts come from the eager one, the result file says -compile."""
+    result = bench.run_bench(quick=True, compile=True, dataset="synthetic", train_n=64,
+                             batch_size=16, steps=1, repeats=1, pgd_steps=2,
+                             methods=["ceiling", "pgd_at"])
+    rows = result["rows"]
+    for name in ("ceiling", "pgd_at"):
+        assert "error" not in rows[name], rows[name].get("traceback")
+        assert rows[name]["finite"] is True
+    assert rows["ceiling"]["compile"] is True
+    assert rows["pgd_at"]["passes"] == dict(train=1, attack=2, probe=0, backward=3,
+                                            forward_equivalents=7)
+    assert bench.write_result(result, tmp_path).name.endswith("-compile-quick.json")
