@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _literal(text: str) -> Any:
-    """Parse a --set value: JSON where it parses (numbers, true, lists), else the string."""
+def literal_value(text: str) -> Any:
+    """A --set or --param value: JSON where it parses (numbers, true, lists), else the string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -94,7 +94,7 @@ def cmd_train(args) -> None:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        config[key.replace("-", "_")] = _literal(value)
+        config[key.replace("-", "_")] = literal_value(value)
     _, history = train(**config)
     print(json.dumps(history[-1]))
 

@@ -7,12 +7,12 @@ JupyterLab, so relative paths behave the same everywhere.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .cli import literal_value
 from .nbtools import project_dir
 
 
@@ -45,10 +45,7 @@ def parse_param(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+    return key, literal_value(value)
 
 
 def main(argv: list[str] | None = None) -> int:

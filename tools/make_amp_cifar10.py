@@ -1,9 +1,5 @@
 """Writes notebooks/amp_cifar10.ipynb (outputs stripped). Run: python tools/make_amp_cifar10.py"""
-import nbformat as nbf
-
-from nbwrite import write_notebook
-
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+from nbwrite import code, md, write_notebook
 
 cells = [
     md("# AMP: adversarially optimized mixup on CIFAR-10\n\n"

@@ -1,9 +1,5 @@
 """Writes notebooks/margin_explorer.ipynb (outputs stripped). Run: python tools/make_margin_explorer.py"""
-import nbformat as nbf
-
-from nbwrite import write_notebook
-
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+from nbwrite import code, md, write_notebook
 
 cells = [
     md("# Margin explorer: walk from a test image towards the decision boundary\n\n"

@@ -1,9 +1,5 @@
 """Writes notebooks/mixup_theory.ipynb (outputs stripped). Run: python tools/make_mixup_theory.py"""
-import nbformat as nbf
-
-from nbwrite import write_notebook
-
-md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+from nbwrite import code, md, write_notebook
 
 cells = [
     md(r"""# Mixup theory: the Taylor view of the mixup loss, its adversarial bound, and mixup vs ERM under attack

@@ -1,6 +1,9 @@
 """Shared by the tools/make_*.py scripts: write a notebook without outputs."""
 import nbformat as nbf
 
+#: the cell constructors every generator uses: md("markdown"), code("python")
+md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+
 KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
           "language_info": {"name": "python"}}
 
