@@ -8,7 +8,8 @@ model's first layer), labels, and ``idx``, the dataset indices of the examples, 
 (random crop with 4-pixel zero padding + horizontal flip, as torchvision's ``RandomCrop(32, 4)`` and
 ``RandomHorizontalFlip``) runs batched on the device (the airbench recipe).
 
-Where data comes from, for ``load_dataset(name)`` under ``root = $MIXLAB_DATA or ./data``:
+Where data comes from, for ``load_dataset(name)`` under ``root = data_root()``
+(``$MIXLAB_DATA``, else ``./data``, else the checkout's ``data/``):
 
 1. torchvision's own on-disk layout (``cifar-10-batches-py/``, ``cifar-100-python/``,
    ``MNIST/raw/``, ``svhn/*_32x32.mat``): the original data, preferred when present;
@@ -85,8 +86,18 @@ class DataError(RuntimeError):
 
 
 def data_root() -> pathlib.Path:
-    """Where datasets live: ``$MIXLAB_DATA`` if set, else ``./data`` (absolute, not created)."""
-    return pathlib.Path(os.environ.get("MIXLAB_DATA") or "data").expanduser().resolve()
+    """Where datasets live (absolute, not created): ``$MIXLAB_DATA`` if set; else ``./data``
+    if it exists; else, inside a mixlab checkout (a notebook runs in ``notebooks/``), the
+    checkout's ``data/`` if it exists; else ``./data``."""
+    if os.environ.get("MIXLAB_DATA"):
+        return pathlib.Path(os.environ["MIXLAB_DATA"]).expanduser().resolve()
+    here = pathlib.Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "notebooks").is_dir():
+            if (folder / "data").is_dir() and not (here / "data").is_dir():
+                return (folder / "data").resolve()
+            break
+    return (here / "data").resolve()
 
 
 # ----------------------------------------------------------------------------------------------

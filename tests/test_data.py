@@ -314,7 +314,22 @@ def test_bad_name_and_split(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXLAB_DATA", str(tmp_path))
     assert data.data_root() == tmp_path.resolve()
     monkeypatch.delenv("MIXLAB_DATA")
-    assert data.data_root() == (pathlib.Path.cwd() / "data").resolve()
+    monkeypatch.chdir(tmp_path)
+    assert data.data_root() == (tmp_path / "data").resolve()  # not a checkout: ./data
+
+
+def test_data_root_from_a_checkouts_notebooks_folder(tmp_path, monkeypatch):
+    """papermill runs notebooks with cwd notebooks/: without $MIXLAB_DATA they still find the
+    checkout's data/, and a ./data beside the cwd still wins."""
+    monkeypatch.delenv("MIXLAB_DATA", raising=False)
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert data.data_root() == (tmp_path / "notebooks" / "data").resolve()  # no data/ yet
+    (tmp_path / "data").mkdir()
+    assert data.data_root() == (tmp_path / "data").resolve()
+    (tmp_path / "notebooks" / "data").mkdir()
+    assert data.data_root() == (tmp_path / "notebooks" / "data").resolve()
 
 
 # --- the real MNIST, when the shared offline copy is there -----------------------------------------
