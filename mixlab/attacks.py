@@ -9,29 +9,49 @@ normalisation is the model's first layer, so every ``eps`` and step size is in p
 * takes gradients w.r.t. the perturbation only (``torch.autograd.grad``), so ``param.grad``
   is never touched;
 * returns points inside the eps-ball around ``x`` *and* inside the box [0, 1];
-* accepts ``eps`` (and ``alpha``) as a float or a per-example tensor of shape (B,) (MMA needs
+* accepts ``eps`` (and ``step_size``) as a float or a per-example tensor of shape (B,) (MMA needs
   one radius per example);
 * runs without per-example Python loops or host synchronisation, so it can sit inside a
-  training step.
+  training step;
+* checks its arguments at the boundary and raises one ``TypeError`` / ``ValueError`` that
+  names the bad value and the fix (see "Input checks" below).
+
+Input checks. What costs nothing on any device is always checked: x is a float tensor with a
+batch dimension (2-D or more, (B, C, H, W) for images); y is a 1-D int64 tensor with
+``len(y) == len(x)`` on x's device; ``eps`` and ``step_size`` given as Python numbers are finite
+and > 0 (a Linf ``eps`` is at most 1), given as tensors are 0-d or (B,); ``steps`` and
+``restarts`` are ints >= 1; ``norm`` is in ``NORMS`` and ``loss`` in ``LOSSES`` (or a callable).
+What needs the tensors' *values* (x within [0, 1], labels in [0, num_classes), per-example
+radii finite and >= 0) is checked only when x is on the CPU, where reading a value is free,
+and not inside :func:`mixlab.sync.no_host_sync`, which stands for a GPU training step on the
+CPU. On a GPU these reads would make the host wait for the device at every training step,
+so there they are skipped: check data once where it is loaded, not in the step.
 
 Papers: FGSM, Goodfellow et al. 2015 (arXiv 1412.6572); PGD, Madry et al. 2018
 (arXiv 1706.06083); CW margin loss, Carlini & Wagner 2017 (arXiv 1608.04644); the SLM
 (soft logit margin) loss of MMA, Ding et al. 2020 (arXiv 1812.02637); GAIRAT's geometry
 value kappa, Zhang et al. 2021 (arXiv 2010.01736).
 
->>> x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)           # Madry PGD-10
->>> x_adv, kappa = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10, return_kappa=True)
+>>> x_adv = pgd(model, x, y, eps=8/255, step_size=2/255, steps=10)           # Madry PGD-10
+>>> x_adv, kappa = pgd(model, x, y, eps=8/255, step_size=2/255, steps=10, return_kappa=True)
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .sync import no_host_sync
+
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "cw", "slm")
+#: slack on the [0, 1] pixel range: mixing two images in fp32 (λ·a + (1-λ)·b) can land a
+#: rounding error outside it
+PIXEL_TOL = 1e-5
 
 
 # ----------------------------------------------------------------------------- losses
@@ -62,19 +82,144 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "ce") -> torc
 
 
 # ----------------------------------------------------------------------------- helpers
-def check_eps(eps, norm: str = "Linf") -> None:
-    """Reject radii that cannot be meant: pixel-space Linf eps lives in [0, 1], L2 eps >= 0.
+def _is_number(v) -> bool:
+    """A Python / numpy real number (not a bool, not a tensor)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-    Only Python numbers are checked (checking a device tensor would force a host sync)."""
+
+def _host_sync_guarded() -> bool:
+    """True inside :func:`mixlab.sync.no_host_sync`: the code is standing in for a GPU step, so
+    checks that read tensor values are skipped, as they are on a GPU."""
+    try:
+        stack = torch.overrides._get_current_function_mode_stack()
+    except AttributeError:  # a torch without the helper: assume guarded, skip value checks
+        return True
+    return any(isinstance(mode, no_host_sync) for mode in stack)
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values is free: on the CPU and outside ``no_host_sync``."""
+    return t.device.type == "cpu" and not _host_sync_guarded()
+
+
+def _check_radius(value, name: str, norm: str, *, positive: bool) -> None:
+    """Check one radius-like argument (eps or step_size) in pixel units: a Python number must
+    be finite and >= 0 (> 0 when ``positive``), at most 1 for a Linf eps; a tensor's values
+    are checked (finite, >= 0) only where that is free (see the module docstring)."""
+    if _is_number(value):
+        v = float(value)
+        if not math.isfinite(v):
+            example = "eps=8/255" if name == "eps" else "step_size=2/255"
+            raise ValueError(f"{name}={value} is not a finite number; give a finite size in "
+                             f"pixel units, e.g. {example}")
+        if v < 0 or (positive and v == 0):
+            bound = "> 0" if positive else ">= 0"
+            why = (" (a zero step leaves PGD at its random start: training on it would be "
+                   "noise augmentation, not adversarial training)" if name == "step_size"
+                   else " (eps=0 leaves x unchanged: use the model's clean predictions)")
+            raise ValueError(f"{name} must be {bound}, got {name}={value}"
+                             f"{why if v == 0 else ''}")
+        if name == "eps" and norm == "Linf" and v > 1:
+            raise ValueError(
+                f"Linf eps={value} is outside [0, 1]: mixlab works in pixel space, "
+                f"write 8/255 (= {8 / 255:.4f}) rather than 8")
+    elif isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} is a {value.dtype} tensor; give a float radius or a float "
+                            f"(B,) tensor in pixel units")
+        if value.numel() and _values_checkable(value):
+            lo, hi = torch.aminmax(value.detach())
+            if not (bool(torch.isfinite(value).all()) and float(lo) >= 0):
+                raise ValueError(f"per-example {name} must be finite and >= 0, found values "
+                                 f"in [{float(lo):.4g}, {float(hi):.4g}]")
+    else:
+        raise TypeError(f"{name} must be a number (pixel units, e.g. 8/255) or a per-example "
+                        f"(B,) tensor, got {type(value).__name__} {value!r}")
+
+
+def check_eps(eps, norm: str = "Linf", *, positive: bool = False) -> None:
+    """Reject radii that cannot be meant: pixel-space Linf eps lives in [0, 1], L2 eps >= 0,
+    both finite; ``positive=True`` also rejects eps = 0 (an attack that cannot move).
+
+    Python numbers are always checked; a tensor's values only where that is free (on the CPU,
+    outside ``no_host_sync``): checking a device tensor would force a host sync."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
-    if isinstance(eps, (int, float)):
-        if eps != eps or eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if norm == "Linf" and eps > 1:
-            raise ValueError(
-                f"Linf eps={eps} is outside [0, 1]: mixlab works in pixel space, "
-                f"write 8/255 (= {8 / 255:.4f}) rather than 8")
+    _check_radius(eps, "eps", norm, positive=positive)
+
+
+def _check_count(value, name: str, minimum: int) -> None:
+    """An int (not a bool, not a float) >= minimum."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} "
+                        f"{value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+
+
+def _check_per_example_shape(value, name: str, batch: int) -> None:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != (batch,):
+        raise ValueError(f"per-example {name} must have shape ({batch},) (one value per "
+                         f"example) or be 0-d, got shape {tuple(value.shape)}")
+
+
+def check_attack_inputs(x, y, *, eps, step_size=None, steps=None, norm: str = "Linf",
+                        loss: str | Callable = "ce") -> None:
+    """The boundary checks every attack runs (see the module docstring for which ones read
+    values, and where). Raises one ``TypeError`` or ``ValueError`` naming the bad argument.
+
+    x: (B, ...) float tensor, pixels in [0, 1]. y: (B,) int64 labels on x's device.
+    eps, step_size: pixel units, numbers > 0 or per-example tensors. steps: int >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of pixels in [0, 1], got "
+                        f"{type(x).__name__}")
+    if not x.is_floating_point():
+        hint = (": convert uint8 images with x.float() / 255" if x.dtype == torch.uint8
+                else ": convert with x.float()")
+        raise TypeError(f"x has dtype {x.dtype}; attacks take float pixels in [0, 1]{hint}")
+    if x.dim() < 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; it needs a batch dimension, "
+                         f"(B, C, H, W) for images (use x[None] for one image)")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor of int64 labels, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        hint = ("attacks need hard labels, not soft ones" if y.is_floating_point()
+                else "pass y.long()")
+        raise TypeError(f"y has dtype {y.dtype}; labels must be int64 class indices: {hint}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise ValueError(f"y has shape {tuple(y.shape)} for x of shape {tuple(x.shape)}; it "
+                         f"must be ({len(x)},), one label per example")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} and x on {x.device}; move both to one device")
+    check_eps(eps, norm, positive=True)
+    _check_per_example_shape(eps, "eps", len(x))
+    if step_size is not None:
+        _check_radius(step_size, "step_size", norm, positive=True)
+        _check_per_example_shape(step_size, "step_size", len(x))
+    if steps is not None:
+        _check_count(steps, "steps", 1)
+    if not (callable(loss) or loss in LOSSES):
+        raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES} or pass a "
+                         f"callable (logits, y) -> (B,)")
+    if x.numel() and _values_checkable(x):
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        if not (lo >= -PIXEL_TOL and hi <= 1 + PIXEL_TOL):  # also catches NaN
+            hint = (" (they look like 0-255 pixels: divide by 255)" if hi > 1.5 and lo >= 0
+                    else " (normalisation belongs in the model's first layer)")
+            raise ValueError(f"x has values in [{lo:.4g}, {hi:.4g}]; attacks take pixels in "
+                             f"[0, 1]{hint}")
+        if len(y) and int(y.min()) < 0:
+            raise ValueError(f"y has a negative label {int(y.min())}; labels are class "
+                             f"indices in [0, num_classes)")
+
+
+def _check_labels_fit(y: torch.Tensor, logits: torch.Tensor) -> None:
+    """Labels below the number of classes the model outputs (only where reading is free)."""
+    if len(y) and _values_checkable(y):
+        top = int(y.max())
+        if top >= logits.shape[-1]:
+            raise ValueError(f"y has label {top} but the model outputs {logits.shape[-1]} "
+                             f"classes; labels must lie in [0, {logits.shape[-1]})")
 
 
 def _per_example(v, x: torch.Tensor) -> torch.Tensor | float:
@@ -116,13 +261,13 @@ def random_init(x: torch.Tensor, eps, norm: str) -> torch.Tensor:
     return project(delta, x, eps, norm)
 
 
-def ascent_step(delta: torch.Tensor, grad: torch.Tensor, alpha, norm: str) -> torch.Tensor:
-    """One steepest-ascent step of size alpha: sign of the gradient (Linf) or its unit
+def ascent_step(delta: torch.Tensor, grad: torch.Tensor, step_size, norm: str) -> torch.Tensor:
+    """One steepest-ascent step of size step_size: sign of the gradient (Linf) or its unit
     direction (L2)."""
-    alpha = _per_example(alpha, delta)
+    step_size = _per_example(step_size, delta)
     if norm == "Linf":
-        return delta + alpha * grad.sign()
-    return delta + alpha * grad / _l2_norm(grad)
+        return delta + step_size * grad.sign()
+    return delta + step_size * grad / _l2_norm(grad)
 
 
 @contextlib.contextmanager
@@ -136,10 +281,10 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def autocast_for(x: torch.Tensor, amp: bool | None):
-    """bf16 autocast on CUDA by default (amp=None); amp=True forces it (CPU tests exercise the
-    GPU path this way); amp=False turns it off. Nested inside an outer autocast it is a no-op."""
-    enabled = x.is_cuda if amp is None else amp
+def autocast_for(x: torch.Tensor, bf16: bool | None):
+    """bf16 autocast on CUDA by default (bf16=None); bf16=True forces it (CPU tests exercise the
+    GPU path this way); bf16=False turns it off. Nested inside an outer autocast it is a no-op."""
+    enabled = x.is_cuda if bf16 is None else bf16
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(x.device.type, dtype=torch.bfloat16)
@@ -147,27 +292,30 @@ def autocast_for(x: torch.Tensor, amp: bool | None):
 
 # ----------------------------------------------------------------------------- attacks
 def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps,
-         norm: str = "Linf", loss: str = "ce", amp: bool | None = None) -> torch.Tensor:
+         norm: str = "Linf", loss: str = "ce", bf16: bool | None = None) -> torch.Tensor:
     """Fast Gradient Sign Method (Goodfellow et al. 2015, arXiv 1412.6572).
 
     Distance measure: Linf (or L2: one step of length eps along the gradient).
     x: (B, C, H, W) in [0, 1]; y: (B,) int64 labels; eps: float or (B,) tensor, pixel units.
     Returns x_adv, same shape, in [0, 1] and within eps of x.
 
+    Raises TypeError / ValueError at the boundary (see the module docstring), e.g. for
+    eps <= 0: FGSM with a zero step returns x itself.
+
     >>> x_adv = fgsm(model, x, y, eps=8/255)
     """
-    check_eps(eps, norm)
-    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, loss=loss,
-               random_start=False, amp=amp)
+    check_attack_inputs(x, y, eps=eps, norm=norm, loss=loss)
+    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, norm=norm, loss=loss,
+               random_start=False, bf16=bf16)
 
 
-def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, alpha, steps: int,
+def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, step_size, steps: int,
         norm: str = "Linf", loss: str | Callable = "ce", random_start: bool = True,
         restarts: int = 1, early_stop: bool = False, return_kappa: bool = False,
-        amp: bool | None = None):
+        bf16: bool | None = None):
     """Projected gradient descent on the loss (Madry et al. 2018, arXiv 1706.06083).
 
-    Distance measure: Linf or L2 (``norm``), radius ``eps`` in pixel units, step ``alpha``
+    Distance measure: Linf or L2 (``norm``), radius ``eps`` in pixel units, step ``step_size``
     (both floats or per-example (B,) tensors). Maximises ``loss``: "ce", "cw" (CW margin),
     "slm" (MMA's soft logit margin) or a callable ``(logits, y) -> (B,)``.
 
@@ -181,27 +329,35 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, alpha,
             the number of iterates, each taken *before* a step, that the model still
             classifies correctly (Zhang et al. 2021). With restarts > 1 it is the kappa of
             the kept restart.
-        amp: bf16 autocast (None: on CUDA only). Attack losses are computed in fp32.
+        bf16: bf16 autocast (None: on CUDA only). Attack losses are computed in fp32.
     Returns:
         x_adv (B, C, H, W) in [0, 1] with ||x_adv - x|| <= eps; or (x_adv, kappa).
+    Raises:
+        TypeError / ValueError at the boundary (module docstring): among others a float eps
+        or step_size that is NaN, infinite or <= 0 (a zero step with steps >= 1 would return
+        the random start and call it PGD), steps or restarts < 1, and on the CPU x outside
+        [0, 1] or labels outside the model's classes.
 
-    >>> x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)
-    >>> x_adv = pgd(model, x, y, eps=0.5, alpha=0.125, steps=20, norm="L2", loss="cw")
+    >>> x_adv = pgd(model, x, y, eps=8/255, step_size=2/255, steps=10)
+    >>> x_adv = pgd(model, x, y, eps=0.5, step_size=0.125, steps=20, norm="L2", loss="cw")
     """
-    check_eps(eps, norm)
+    check_attack_inputs(x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss)
+    _check_count(restarts, "restarts", 1)
     loss_fn = loss if callable(loss) else (lambda z, t, _k=loss: attack_loss(z, t, _k))
     x = x.detach()
     best_x, best_score, best_kappa = None, None, None
     # enable_grad: callers may sit in a no_grad block (evaluation); the attack still needs
     # input gradients
-    with eval_mode(model), autocast_for(x, amp), torch.enable_grad():
-        for _ in range(max(1, restarts)):
+    with eval_mode(model), autocast_for(x, bf16), torch.enable_grad():
+        for restart in range(restarts):
             delta = random_init(x, eps, norm) if random_start else torch.zeros_like(x)
             kappa = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            for _ in range(steps):
+            for step in range(steps):
                 delta.requires_grad_(True)
                 logits = model(x + delta)
+                if restart == 0 and step == 0:
+                    _check_labels_fit(y, logits)
                 correct = logits.argmax(1) == y
                 kappa += correct
                 per_example = loss_fn(logits, y)
@@ -210,7 +366,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, alpha,
                     if early_stop:
                         active = active & correct
                         grad = grad * active.reshape(-1, *([1] * (x.dim() - 1)))
-                    delta = project(ascent_step(delta.detach(), grad, alpha, norm), x, eps, norm)
+                    delta = project(ascent_step(delta.detach(), grad, step_size, norm), x, eps, norm)
             x_adv = (x + delta).detach()
             if restarts <= 1:
                 best_x, best_kappa = x_adv, kappa
@@ -231,7 +387,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, alpha,
 # ----------------------------------------------------------------------------- line search
 def boundary_bisection(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                        direction: torch.Tensor, *, lo, hi, steps: int = 10,
-                       margin: str | Callable = "cw", amp: bool | None = None) -> torch.Tensor:
+                       margin: str | Callable = "cw", bf16: bool | None = None) -> torch.Tensor:
     """Batched bisection along ``x + t·direction`` for the smallest t where the model is fooled.
 
     The line search of MMA's AN-PGD and of its test-time margin estimate (Ding et al. 2020,
@@ -249,7 +405,7 @@ def boundary_bisection(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         margin: what "misclassified" means: "cw" (``max_{j≠y} z_j - z_y >= 0``, the decision
             itself) or "slm" (MMA's soft logit margin ``>= 0``, a little earlier) or a callable
             ``(logits, y) -> (B,)``.
-        amp: bf16 autocast for the probes (None: on CUDA only), as in :func:`pgd`.
+        bf16: bf16 autocast for the probes (None: on CUDA only), as in :func:`pgd`.
     Returns:
         (B,) tensor: hi after the search, i.e. the smallest t found to be misclassified, within
         (hi - lo) / 2**steps above the boundary. An example never found misclassified keeps
@@ -265,7 +421,7 @@ def boundary_bisection(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     shape = (x.shape[0],)
     lo = torch.as_tensor(lo, dtype=torch.float32, device=x.device).expand(shape).clone()
     hi = torch.as_tensor(hi, dtype=torch.float32, device=x.device).expand(shape).clone()
-    with eval_mode(model), autocast_for(x, amp), torch.no_grad():
+    with eval_mode(model), autocast_for(x, bf16), torch.no_grad():
         for _ in range(steps):
             mid = (lo + hi) / 2
             logits = model((x + _per_example(mid, x) * direction).clamp(0, 1))
@@ -277,8 +433,8 @@ def boundary_bisection(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 # ----------------------------------------------------------------------------- FAT's PGD
 def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps,
-                      alpha, steps: int, tau: int = 0, omega: float = 0.0, norm: str = "Linf",
-                      loss: str = "ce", random_start: bool = True, amp: bool | None = None,
+                      step_size, steps: int, tau: int = 0, omega: float = 0.0, norm: str = "Linf",
+                      loss: str = "ce", random_start: bool = True, bf16: bool | None = None,
                       return_kappa: bool = False):
     """Early-stopped PGD, "PGD-K-τ" (FAT, Zhang et al. 2020, arXiv 2002.11242, Alg. 1).
 
@@ -294,7 +450,7 @@ def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     official code it saves no compute, it only changes which point each example trains on.
 
     Args:
-        x: (B, C, H, W) in [0, 1]; y: (B,) int64. eps, alpha: floats or (B,) tensors, pixel
+        x: (B, C, H, W) in [0, 1]; y: (B,) int64. eps, step_size: floats or (B,) tensors, pixel
             units. steps: K, the most PGD steps. tau: the budget τ >= 0 (int).
         loss: attack loss maximised, "ce" (FAT) or "cw" / "slm".
         return_kappa: also return GAIRAT's κ (B,) int64: iterates still classified correctly
@@ -302,21 +458,34 @@ def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     Returns:
         x_adv (B, C, H, W) in [0, 1] within eps of x; or (x_adv, kappa).
 
-    >>> x_adv = early_stopped_pgd(model, x, y, eps=8/255, alpha=2/255, steps=10, tau=1)
+    Raises TypeError / ValueError at the boundary, as :func:`pgd` does; also for a tau that
+    is not an int >= 0 and an omega that is not a finite number >= 0.
+
+    >>> x_adv = early_stopped_pgd(model, x, y, eps=8/255, step_size=2/255, steps=10, tau=1)
     """
-    check_eps(eps, norm)
+    if loss not in LOSSES:  # no callables here: the official FAT attack is CE only
+        raise ValueError(f"unknown attack loss {loss!r}; choose one of {LOSSES}")
+    check_attack_inputs(x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss)
+    if not isinstance(tau, numbers.Integral) or isinstance(tau, bool):
+        raise TypeError(f"tau counts misclassified iterates and must be an int >= 0, got "
+                        f"{type(tau).__name__} {tau!r}")
     if tau < 0:
         raise ValueError(f"tau counts misclassified iterates and must be >= 0, got {tau}")
+    if not _is_number(omega) or not math.isfinite(omega) or omega < 0:
+        raise ValueError(f"omega is the std of the step noise and must be a finite number "
+                         f">= 0, got omega={omega!r}")
     x = x.detach()
     batch = x.shape[0]
     budget = torch.full((batch,), int(tau), dtype=torch.long, device=x.device)
     running = torch.ones(batch, dtype=torch.bool, device=x.device)
     kappa = torch.zeros(batch, dtype=torch.long, device=x.device)
-    with eval_mode(model), autocast_for(x, amp), torch.enable_grad():
+    with eval_mode(model), autocast_for(x, bf16), torch.enable_grad():
         delta = random_init(x, eps, norm) if random_start else torch.zeros_like(x)
-        for _ in range(steps):
+        for step in range(steps):
             delta.requires_grad_(True)
             logits = model(x + delta)
+            if step == 0:
+                _check_labels_fit(y, logits)
             fooled = logits.argmax(1) != y
             kappa += running & ~fooled
             # stop where the model errs with no budget left; elsewhere an error costs 1
@@ -324,7 +493,7 @@ def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
             budget = budget - (running & fooled).long()
             grad, = torch.autograd.grad(attack_loss(logits, y, loss).sum(), delta)
             with torch.no_grad():
-                moved = ascent_step(delta.detach(), grad, alpha, norm)
+                moved = ascent_step(delta.detach(), grad, step_size, norm)
                 if omega:
                     moved = moved + omega * torch.randn_like(moved)
                 moved = project(moved, x, eps, norm)

@@ -415,7 +415,7 @@ def reference_loader(ds: data_mod.TensorDataset, batch_size: int, workers: int, 
         drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_pgd(model, data, target, *, eps: float, alpha: float, steps: int):
+def reference_pgd(model, data, target, *, eps: float, step_size: float, steps: int):
     """PGD-k with GAIRAT's kappa, transcribed from the official code's ``GA_PGD`` (Madry
     category, CE loss). Its costs are the point: numpy noise built on the host, ``backward()``
     into the model's parameters, and a Python loop over examples whose every comparison is a
@@ -435,13 +435,13 @@ def reference_pgd(model, data, target, *, eps: float, alpha: float, steps: int):
         model.zero_grad()
         loss_adv = F.cross_entropy(output, target)
         loss_adv.backward()
-        eta = alpha * x_adv.grad.sign()
+        eta = step_size * x_adv.grad.sign()
         x_adv = x_adv.detach() + eta
         x_adv = torch.min(torch.max(x_adv, data - eps), data + eps).clamp(0.0, 1.0)
     return x_adv.detach(), kappa
 
 
-def reference_step(model, optimizer, device, *, eps: float, alpha: float, steps: int):
+def reference_step(model, optimizer, device, *, eps: float, step_size: float, steps: int):
     """GAIRAT.py's training step before its reweighting starts (i.e. PGD-AT): the host batch to
     the device, the attack, a fp32 step, and the running loss read with ``.item()`` (one more
     sync per step). Left out: its ``DataParallel`` wrapper and global cudnn flags, which would
@@ -451,7 +451,7 @@ def reference_step(model, optimizer, device, *, eps: float, alpha: float, steps:
     def step(batch):
         nonlocal running_loss
         data, target = batch[0].to(device), batch[1].to(device)
-        x_adv, _ = reference_pgd(model, data, target, eps=eps, alpha=alpha, steps=steps)
+        x_adv, _ = reference_pgd(model, data, target, eps=eps, step_size=step_size, steps=steps)
         model.train()
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x_adv), target)
@@ -559,7 +559,7 @@ class _Bench:
         loader = reference_loader(self.train_ds, cfg["ref_batch_size"], cfg["ref_workers"],
                                   cfg["seed"])
         eps = self.info["eps"]["Linf"]
-        step = reference_step(model, self._sgd(model), self.device, eps=eps, alpha=eps / 4,
+        step = reference_step(model, self._sgd(model), self.device, eps=eps, step_size=eps / 4,
                               steps=cfg["pgd_steps"])
         rec = self._run("reference", step, _cycle(loader), images=lambda b: len(b[1]))
         del model

@@ -4,16 +4,20 @@ Every bad input ends in one line ``mixlab: error: ...`` and exit status 2; a run
 a non-finite loss exits with status 3 after saving its state.
 
 >>> python -m mixlab train --method pgd_at --profile short --run-dir runs/at
+>>> python -m mixlab train --method mixup --set mixup.alpha=0.2 --profile smoke --run-dir x --dry-run
 >>> python -m mixlab eval --checkpoint runs/at --attacks clean,pgd20,aa --n 1000
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from .config import parse_assignment
 
 
 def literal_value(text: str) -> Any:
@@ -25,36 +29,73 @@ def literal_value(text: str) -> Any:
 
 
 def _eps(text: str) -> float:
-    """Accept '0.031' or '8/255'."""
-    if "/" in text:
-        num, den = text.split("/")
-        return float(num) / float(den)
-    return float(text)
+    """Accept '0.031' or '8/255'; a finite number >= 0."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a radius: write e.g. 8/255 or 0.031")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite radius >= 0")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be finite")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixlab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model with one method",
-                       description="Train a model; settings not given come from the profile "
-                                   "and the method's defaults (see mixlab.train.TRAIN_DEFAULTS).")
-    t.add_argument("--method", default="pgd_at")
+    from .config import describe_settings
+    from .methods import METHODS
+    method_lines = "\n".join(f"  {name:9s} method_hp: {json.dumps(cls.defaults, default=str)}"
+                              for name, cls in sorted(METHODS.items()))
+    t = sub.add_parser(
+        "train", help="train a model with one method",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model. Settings not given come from the profile and the method's "
+                    "defaults (mixlab.config); --dry-run prints the resolved config.",
+        epilog=describe_settings() + "\n\nmethods and their hyperparameters "
+               "(--set METHOD.KEY=VALUE):\n" + method_lines)
+    t.add_argument("--method", default="pgd_at", choices=sorted(METHODS))
     t.add_argument("--dataset", default=None)
     t.add_argument("--model", default=None)
     t.add_argument("--profile", default=None, choices=["smoke", "short", "paper"])
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
+    t.add_argument("--epochs", type=_int)
+    t.add_argument("--batch-size", type=_int)
+    t.add_argument("--lr", type=_float)
     t.add_argument("--eps", type=_eps, help="radius in pixel units, e.g. 8/255")
     t.add_argument("--norm", choices=["Linf", "L2"])
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=_int)
     t.add_argument("--device", default=None)
-    t.add_argument("--run-dir", required=True)
+    t.add_argument("--run-dir", default=None, help="required unless --dry-run")
     t.add_argument("--download", action="store_true", help="let torchvision download data")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other setting or method hyperparameter, e.g. --set lam=-1")
+                   help="an engine setting (--set val_size=1000) or a hyperparameter of the "
+                        "chosen method (--set mixup.alpha=1); values are JSON where they parse")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run found in --run-dir (finished or not)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the fully resolved config (what config.json will hold) and stop")
 
     e = sub.add_parser("eval", help="evaluate a saved run under attacks")
     e.add_argument("--checkpoint", required=True, help="run directory or .pt file")
@@ -62,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: clean,fgsm,pgd10,pgd20,pgd50,cw20,aa")
     e.add_argument("--eps", type=_eps, default=None, help="default: the run's eps")
     e.add_argument("--norm", choices=["Linf", "L2"], default=None)
-    e.add_argument("--n", type=int, default=1000, help="test examples (0: all)")
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--n", type=_int, default=1000, help="test examples (0: all)")
+    e.add_argument("--batch-size", type=_int, default=500)
     e.add_argument("--device", default="auto")
     e.add_argument("--which", choices=["best", "last"], default="best")
 
@@ -78,25 +119,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(args) -> None:
-    from .train import train
-    config: dict[str, Any] = {"method": args.method, "run_dir": args.run_dir}
+def train_settings(args) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine settings, method_hp) from the train command's arguments."""
+    config: dict[str, Any] = {"method": args.method}
+    if args.run_dir is not None:
+        config["run_dir"] = args.run_dir
     for key in ("dataset", "model", "profile", "epochs", "batch_size", "lr", "eps", "norm",
                 "seed", "device"):
         value = getattr(args, key)
         if value is not None:
             config[key] = value
-    if args.download:
-        config["download"] = True
-    if args.compile:
-        config["compile"] = True
+    for flag in ("download", "compile", "overwrite"):
+        if getattr(args, flag):
+            config[flag] = True
+    method_hp: dict[str, Any] = {}
     for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        config[key.replace("-", "_")] = literal_value(value)
-    _, history = train(**config)
-    print(json.dumps(history[-1]))
+        owner, key, value = parse_assignment(item)
+        if owner is None:
+            config[key] = literal_value(value)
+        elif owner != args.method:
+            raise ValueError(f"--set {item!r} sets a hyperparameter of {owner!r}, but the method "
+                             f"is {args.method!r}; write --set {args.method}.KEY=VALUE")
+        else:
+            method_hp[key] = literal_value(value)
+    return config, method_hp
+
+
+def cmd_train(args) -> None:
+    from .config import resolve_config
+    from .train import train
+    config, method_hp = train_settings(args)
+    if args.dry_run:
+        print(json.dumps(resolve_config(method_hp=method_hp, **config), indent=2))
+        return
+    if args.run_dir is None:
+        raise ValueError("--run-dir is required to train (or pass --dry-run)")
+    _, history = train(method_hp=method_hp, **config)
+    print(json.dumps(history[-1]) if history else "{}")
 
 
 def cmd_eval(args) -> None:
@@ -186,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"mixlab: error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, DataError, CheckpointError, RuntimeError) as err:
+    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError) as err:
         if os.environ.get("MIXLAB_TRACEBACK"):
             raise
         print(f"mixlab: error: {err}", file=sys.stderr)

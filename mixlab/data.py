@@ -24,7 +24,8 @@ Anything else is a :class:`DataError` naming the dataset, the paths tried and th
 fixes it. There is never silent random data in place of a real dataset: the only synthetic data is
 the dataset named ``"synthetic"``, and results carry that name.
 
-This module knows nothing of the rest of mixlab, and touches no device at import time.
+This module knows nothing of the rest of mixlab but :mod:`mixlab.fileio` (safe reads and atomic
+writes), and touches no device at import time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import gzip
 import hashlib
 import os
 import pathlib
-import pickle
 import shutil
 import sys
 import tarfile
@@ -45,6 +45,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .fileio import (atomic_torch_save, atomic_writer, fsync_dir, restricted_pickle_load,
+                     safe_torch_load)
 
 DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "synthetic")
 SPLITS = ("train", "test")
@@ -338,7 +341,10 @@ def _read_torchvision_layout(name: str, root: pathlib.Path, split: str) -> Tenso
 
 def _read_cifar_pickles(name: str, folder: pathlib.Path, split: str):
     """torchvision's CIFAR pickle layout: ``data`` (N, 3072) uint8 rows in CHW order, labels in
-    ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100). The rows reshape straight to NCHW."""
+    ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100). The rows reshape straight to NCHW.
+    The pickles are read with :func:`mixlab.fileio.restricted_pickle_load`, which builds numpy
+    arrays, lists and strings only: a file that names any other Python global is refused
+    (``pickle.UnpicklingError``) instead of running code."""
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         meta_file, names_key = "batches.meta", "label_names"
@@ -348,13 +354,13 @@ def _read_cifar_pickles(name: str, folder: pathlib.Path, split: str):
     xs, ys = [], []
     for f in files:
         with open(folder / f, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
+            entry = restricted_pickle_load(fh)
         xs.append(torch.as_tensor(entry["data"]).reshape(-1, 3, 32, 32))
         ys.append(torch.as_tensor(entry["labels"] if "labels" in entry else entry["fine_labels"]))
     classes = CIFAR10_CLASSES if name == "cifar10" else [str(i) for i in range(100)]
     if (folder / meta_file).exists():
         with open(folder / meta_file, "rb") as fh:
-            classes = list(pickle.load(fh, encoding="latin1")[names_key])
+            classes = list(restricted_pickle_load(fh)[names_key])
     return torch.cat(xs), torch.cat(ys), classes
 
 
@@ -436,7 +442,7 @@ def read_image_folder(folder, split: str, *, name: str | None = None) -> TensorD
     x = y = None
     if cache.exists():
         try:
-            c = torch.load(cache, weights_only=True)
+            c = safe_torch_load(cache)
             if c["num_files"] == len(files) and c["classes"] == classes:
                 x, y = c["x"], c["y"]
         except Exception:  # unreadable cache: rebuild it
@@ -463,19 +469,13 @@ def read_image_folder(folder, split: str, *, name: str | None = None) -> TensorD
 
 
 def _save_atomic(obj, path: pathlib.Path) -> None:
-    """torch.save through a temporary file + rename, so a crash or a concurrent reader never sees
-    half a cache. Failing to write (read-only folder) is not an error: the data was read."""
+    """torch.save through a temporary file + rename (:func:`mixlab.fileio.atomic_torch_save`), so
+    a crash or a concurrent reader never sees half a cache. Failing to write (read-only folder)
+    is not an error: the data was read."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_torch_save(obj, path)
     except OSError:
-        return
-    try:
-        os.close(fd)
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp made it private; others read the same data folder
-        os.replace(tmp, path)
-    except OSError:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        pass
 
 
 # --- preparing the offline copies -----------------------------------------------------------------
@@ -511,6 +511,7 @@ def prepare_cifar10_from_archive(tar_path, root=None) -> pathlib.Path:
                 tf.extractall(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp made it private; the data is for everyone who reads root
         os.replace(tmp, dest)
+        fsync_dir(root)  # make the rename durable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -536,10 +537,8 @@ def prepare_mnist_from_gz(src_dir, root=None) -> pathlib.Path:
         if not src.is_file():
             raise DataError(f"MNIST file {src} not found (dataset 'mnist'). Fix: point src_dir to "
                             f"the folder with the 4 .gz files, or run `python -m mixlab download mnist`.")
-        tmp = dst.with_name(f".{fname}.tmp")
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with gzip.open(src, "rb") as fin, atomic_writer(dst) as fout:  # temporary file + rename
             shutil.copyfileobj(fin, fout, length=1 << 20)
-        os.replace(tmp, dst)
     return raw
 
 

@@ -28,8 +28,8 @@ MASKING_GAP = 0.10
 
 def _pgd_attack(steps: int, loss: str):
     def run(model, x, y, *, eps, norm, seed):
-        alpha = eps / 4 if steps == 20 else max(eps / 4, 2.5 * eps / steps)
-        return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, loss=loss)
+        step_size = eps / 4 if steps == 20 else max(eps / 4, 2.5 * eps / steps)
+        return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss)
     return run
 
 

@@ -91,7 +91,7 @@ def path_direction(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.
     t_max = float(max_eps)
     if kind in ("pgd", "anpgd"):
         radius, loss = (eps, "ce") if kind == "pgd" else (max_eps, "slm")
-        x_adv = pgd(model, x, y, eps=radius, alpha=2.5 * radius / steps, steps=steps,
+        x_adv = pgd(model, x, y, eps=radius, step_size=2.5 * radius / steps, steps=steps,
                     norm=norm, loss=loss, random_start=False)
         delta = (x_adv - x).float()
         if float(_norm_of(delta, norm)[0]) == 0.0:
@@ -152,7 +152,7 @@ def first_crossing(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, u: 
     if k == 0:
         return 0.0
     t = boundary_bisection(model, x, y, u, lo=float(ts[k - 1]), hi=float(ts[k]),
-                           steps=search_steps, margin="cw", amp=False)
+                           steps=search_steps, margin="cw", bf16=False)
     return float(t[0])
 
 

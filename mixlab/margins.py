@@ -48,11 +48,11 @@ def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         xb, yb = x[i:i + BATCH_SIZE], y[i:i + BATCH_SIZE]
         with eval_mode(model), torch.no_grad():
             correct = model(xb).float().argmax(1) == yb
-        x_adv = pgd(model, xb, yb, eps=max_eps, alpha=2.5 * max_eps / steps, steps=steps,
+        x_adv = pgd(model, xb, yb, eps=max_eps, step_size=2.5 * max_eps / steps, steps=steps,
                     norm=norm, loss="slm")
         # fp32 probes: near the boundary bf16 logits are too coarse to place it
         eps = boundary_bisection(model, xb, yb, (x_adv - xb) / max_eps, lo=0.0, hi=max_eps,
-                                 steps=search_steps, margin="cw", amp=False)
+                                 steps=search_steps, margin="cw", bf16=False)
         out.append(torch.where(correct, eps, torch.zeros_like(eps)))
     return torch.cat(out) if out else torch.zeros(0, device=x.device)
 

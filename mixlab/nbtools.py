@@ -4,7 +4,7 @@ notebooks need lives here or in the module it belongs to.
 """
 from __future__ import annotations
 
-import json
+import io
 import os
 import subprocess
 import time
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .fileio import atomic_write_bytes, atomic_write_json
 
 
 def project_dir(start: str | Path | None = None) -> Path:
@@ -51,27 +53,30 @@ def git_commit() -> str:
 def save_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = None,
                 folder: str | Path | None = None) -> Path:
     """Save a matplotlib figure as ``figures/<name>_<profile>.png`` with a JSON sidecar that
-    records the profile, git commit, device and time (which code and profile made it)."""
+    records the profile, git commit, device and time (which code and profile made it). Both
+    files are written atomically (an interrupted save leaves the previous version intact)."""
     folder = Path(folder) if folder else project_dir() / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}_{profile}.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, png.getvalue())
     meta = dict(figure=path.name, profile=profile, git_commit=git_commit(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    atomic_write_json(path.with_suffix(".json"), meta, indent=2)
     return path
 
 
 def save_table(rows: dict[str, dict[str, Any]], name: str, *, profile: str,
                extra: dict[str, Any] | None = None, folder: str | Path | None = None) -> Path:
     """Write a results table (method -> metrics) as ``figures/<name>_<profile>.json`` with the
-    same provenance fields as figures."""
+    same provenance fields as figures, atomically."""
     folder = Path(folder) if folder else project_dir() / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}_{profile}.json"
     meta = dict(table=rows, profile=profile, git_commit=git_commit(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
-    path.write_text(json.dumps(meta, indent=2, default=float))
+    atomic_write_json(path, meta, indent=2, default=float)
     return path

@@ -82,7 +82,7 @@ def _curves(probs: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor):
 
 
 def _worst_case(model, x: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, *, eps,
-                alpha, steps, norm, batch_size, num_classes) -> tuple[torch.Tensor, ...]:
+                step_size, steps, norm, batch_size, num_classes) -> tuple[torch.Tensor, ...]:
     """PGD estimates of (min p(y_a), min p(y_b), max p(other)) over the ball, each (N,)."""
     n = len(x)
     out = []
@@ -99,7 +99,7 @@ def _worst_case(model, x: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, *,
                     return torch.logsumexp(z.masked_fill(mask, _EXCLUDED), 1) - z.logsumexp(1)
             else:
                 loss = "ce"  # maximising CE(·, y) minimises p(y)
-            x_adv = pgd(model, x[sl], target[sl], eps=eps, alpha=alpha, steps=steps,
+            x_adv = pgd(model, x[sl], target[sl], eps=eps, step_size=step_size, steps=steps,
                         norm=norm, loss=loss)
             p_a, p_b, p_other, _ = _curves(_probs(model, x_adv, batch_size), y_a[sl], y_b[sl])
             values.append({"a": p_a, "b": p_b, "other": p_other}[kind])
@@ -110,7 +110,7 @@ def _worst_case(model, x: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, *,
 def interpolation_path(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, *,
                        y_a=None, y_b=None, lams: int | Sequence[float] = 51,
                        eps: float | None = None, norm: str = "Linf", steps: int = 10,
-                       alpha: float | None = None, batch_size: int = 512) -> dict:
+                       step_size: float | None = None, batch_size: int = 512) -> dict:
     """Class probabilities along the straight paths from x_b (λ = 0) to x_a (λ = 1).
 
     Args:
@@ -120,15 +120,15 @@ def interpolation_path(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Ten
         y_a, y_b: labels (P,) or ints; None: the model's predictions at the endpoints.
         lams: number of evenly spaced λ in [0, 1] (51: steps of 0.02) or the values.
         eps: radius of the worst-case ball around each mixed point, pixel units; None: clean
-            curves only. norm: "Linf" | "L2". steps, alpha: PGD iterations and step size
-            (alpha None: max(eps/4, 2.5·eps/steps), as ``mixlab.evaluate`` does).
+            curves only. norm: "Linf" | "L2". steps, step_size: PGD iterations and step size
+            (step_size None: max(eps/4, 2.5·eps/steps), as ``mixlab.evaluate`` does).
         batch_size: images per forward pass (P·L images are probed in all).
     Returns:
         dict of numpy arrays: ``lams`` (L,); ``probs`` (P, L, K) clean class probabilities;
         ``p_a``, ``p_b``, ``p_other`` (P, L) clean curves and ``other_class`` (P, L) the
         strongest other class; with eps, ``p_a_worst``, ``p_b_worst``, ``p_other_worst``
         (P, L) (worst case as defined in the module docstring); ``y_a``, ``y_b`` (P,); and
-        the settings ``eps``, ``norm``, ``steps``, ``alpha``.
+        the settings ``eps``, ``norm``, ``steps``, ``step_size``.
     """
     x_a, x_b = _as_batch(x_a).detach(), _as_batch(x_b).detach()
     if x_a.shape != x_b.shape:
@@ -149,15 +149,15 @@ def interpolation_path(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Ten
         probs = _probs(model, x, batch_size)
         p_a, p_b, p_other, other_class = _curves(probs, ya, yb)
         result = {"lams": grid.numpy(), "y_a": y_a.cpu().numpy(), "y_b": y_b.cpu().numpy(),
-                  "eps": eps, "norm": norm, "steps": steps, "alpha": None}
+                  "eps": eps, "norm": norm, "steps": steps, "step_size": None}
         shape = (n_pairs, n_lams)
         for key, v in [("p_a", p_a), ("p_b", p_b), ("p_other", p_other),
                        ("other_class", other_class)]:
             result[key] = v.reshape(shape).cpu().numpy()
         result["probs"] = probs.reshape(*shape, -1).cpu().numpy()
         if eps is not None and eps > 0 and steps > 0:
-            alpha = alpha if alpha is not None else max(eps / 4, 2.5 * eps / steps)
-            a_adv, b_adv, other_adv = _worst_case(model, x, ya, yb, eps=eps, alpha=alpha,
+            step_size = step_size if step_size is not None else max(eps / 4, 2.5 * eps / steps)
+            a_adv, b_adv, other_adv = _worst_case(model, x, ya, yb, eps=eps, step_size=step_size,
                                                   steps=steps, norm=norm,
                                                   batch_size=batch_size,
                                                   num_classes=probs.shape[1])
@@ -165,7 +165,7 @@ def interpolation_path(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Ten
             result["p_a_worst"] = torch.minimum(a_adv, p_a).reshape(shape).cpu().numpy()
             result["p_b_worst"] = torch.minimum(b_adv, p_b).reshape(shape).cpu().numpy()
             result["p_other_worst"] = torch.maximum(other_adv, p_other).reshape(shape).cpu().numpy()
-            result["alpha"] = alpha
+            result["step_size"] = step_size
         elif eps is not None:  # eps = 0 (or no steps): the ball is the clean point
             for key in ("p_a", "p_b", "p_other"):
                 result[f"{key}_worst"] = result[key].copy()

@@ -1,14 +1,30 @@
-"""The training engine: one ``train(**config) -> (model, history)`` for every method.
+"""The training engine: one ``train(**settings) -> (model, history)`` for every method.
 
 The loop exists once. A method (``mixlab.methods``) turns a batch into a loss; this file owns
 the data on the device, the optimiser and schedule, bf16 autocast and channels_last on CUDA,
-evaluation during training, checkpoints (last and best, with optimiser, method state and RNG
-states, so a resumed run equals an uninterrupted one), metrics as JSON lines and a provenance
-record. Settings resolve in this order, later wins:
+evaluation on the validation split during training, checkpoints (last and best, with optimiser,
+method state and RNG states, so a resumed run equals an uninterrupted one), metrics as JSON
+lines and a provenance record. Settings are defined, merged and checked in ``mixlab.config``.
 
-    TRAIN_DEFAULTS < PROFILES[profile] < method.profiles[profile] < keyword arguments
+The run directory (``run_dir``) is written by one training at a time (a lock), every file in it
+is replaced atomically, and after a kill at any instant the run resumes with no completed epoch
+lost or repeated:
+
+* ``config.json``: exactly the resolved settings (``python -m mixlab train ... --dry-run``);
+* ``last.pt``: the state after the last completed epoch, history included; the source of truth;
+* ``best.pt``: the completed epoch with the best ``Method.best_metric`` on the validation split
+  (no ``best.pt`` without a validation split: the test set never selects a model);
+* ``metrics.jsonl``: one line per completed epoch, rewritten from ``last.pt``'s history;
+* ``method/epoch_XXX.npz``: per-epoch arrays of the method (GAIRAT's κ, mixup's λ, ...);
+* ``nonfinite.pt``: written only when the loss turns NaN/inf: the state at the last check where
+  the loss was still finite (at most ``check_every`` steps before the first non-finite loss).
+
+A directory that holds a run with other settings is never resumed or relabelled (the difference
+is shown; ``overwrite=True`` replaces it), and a finished run is never replaced without
+``overwrite=True``.
 
 >>> model, history = train(dataset="cifar10", method="pgd_at", profile="short", run_dir="runs/at")
+>>> model, history = train(method="mixup", method_hp={"alpha": 0.2}, profile="smoke")
 """
 from __future__ import annotations
 
@@ -16,6 +32,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,123 +40,27 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import data as data_mod
-from .attacks import check_eps, pgd
+from .attacks import pgd
+from .config import (PROFILES, RUN_ONLY_KEYS, SETTINGS, TRAIN_DEFAULTS,  # noqa: F401
+                     attack_spec, config_difference, resolve_config)
+from .fileio import (RunLock, atomic_savez, atomic_torch_save, atomic_write_bytes,
+                     atomic_write_json, safe_torch_load)
 from .methods import get_method
 from .models import build_model
 
-TRAIN_DEFAULTS: dict[str, Any] = dict(
-    dataset="cifar10",        # cifar10 | cifar100 | svhn | mnist | synthetic
-    model="preactresnet18",   # any name mixlab.models.build_model knows
-    method="pgd_at",          # any name in mixlab.methods.METHODS
-    epochs=30,                # passes over the training set
-    batch_size=128,           # examples per step
-    optimizer="sgd",          # sgd | adam
-    lr=0.1,                   # peak learning rate
-    momentum=0.9,             # SGD momentum
-    nesterov=False,           # SGD Nesterov momentum
-    weight_decay=5e-4,        # L2 penalty on all weights
-    schedule="piecewise",     # piecewise | onecycle | cosine | constant (per step)
-    milestones=(0.5, 0.75),   # piecewise: fractions of training where lr drops ...
-    lr_factors=(0.1, 0.01),   # ... to these multiples of the peak lr
-    warmup=0.0,               # onecycle: fraction of training spent rising to the peak
-    augment=True,             # random crop (4-pixel zero padding) + horizontal flip, on device
-    train_subset=None,        # use only this many training examples (seeded), None: all
-    val_size=0,               # hold out this many training examples as the evaluation split
-    test_subset=1000,         # evaluate during training on this many test examples
-    eval_every=1,             # evaluate every n epochs (and always after the last one)
-    eval_steps=10,            # PGD steps of the in-training robust evaluation (0: clean only)
-    norm="Linf",              # threat model of attacks in training and evaluation
-    eps=None,                 # radius, pixel units; None: the dataset's standard (8/255 CIFAR)
-    alpha=None,               # PGD step, pixel units; None: eps / 4
-    steps=None,               # PGD steps in training; None: the method's default
-    seed=0,                   # seeds the model init, the data order and the attacks
-    device="auto",            # auto | cpu | cuda | cuda:N
-    bf16=None,                # bf16 autocast; None: on for CUDA, off for CPU
-    channels_last=None,       # channels_last memory format; None: on for CUDA
-    compile=False,            # torch.compile the model
-    data_root=None,           # dataset root; None: mixlab.data.data_root()
-    download=False,           # let torchvision download a missing dataset
-    run_dir=None,             # where config, metrics, checkpoints go; None: nothing saved
-    resume=True,              # continue from run_dir/last.pt when it exists
-    stop_after=None,          # stop (checkpointed) after this many epochs in total, to split a
-                              # long run across calls; the schedule still spans all epochs
-    check_every=50,           # check the loss is finite every n steps (one host sync each)
-    quiet=False,              # no progress bar
-    profile=None,             # smoke | short | paper (see PROFILES)
-)
-
-PROFILES: dict[str, dict[str, Any]] = {
-    # CPU, seconds to a minute: a tiny CNN on a data subset, a few PGD steps
-    "smoke": dict(model="tiny", epochs=2, batch_size=64, train_subset=1024, test_subset=256,
-                  steps=3, eval_steps=5, schedule="onecycle", warmup=0.3, lr=0.05,
-                  device="cpu"),
-    # GPU, minutes: PreActResNet-18, one-cycle schedule (the fast-AT recipe)
-    "short": dict(model="preactresnet18", epochs=15, batch_size=512, schedule="onecycle",
-                  warmup=0.4, lr=0.2, weight_decay=5e-4, test_subset=1000),
-    # the papers' schedules (methods refine this in their own `profiles`)
-    "paper": dict(model="preactresnet18", epochs=110, batch_size=128, lr=0.1,
-                  schedule="piecewise", milestones=(100 / 110, 105 / 110),
-                  lr_factors=(0.1, 0.01), weight_decay=5e-4, test_subset=None),
-}
-
-ENGINE_KEYS = set(TRAIN_DEFAULTS)
-#: settings that say how a run is executed, not what it computes
-RUN_ONLY_KEYS = {"run_dir", "resume", "stop_after", "quiet", "device", "data_root",
-                 "download", "check_every", "compile"}
-ATTACK_KEYS = ("eps", "alpha", "steps", "norm")
+#: the files a training writes in its run directory (``overwrite=True`` removes them)
+RUN_FILES = ("config.json", "provenance.json", "metrics.jsonl", "last.pt", "best.pt",
+             "nonfinite.pt")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the state before it is saved as ``nonfinite.pt``."""
+    """Training produced a NaN/inf loss or weights; the last finite state is ``nonfinite.pt``."""
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that does not fit the requested model, data or method."""
-
-
-# ----------------------------------------------------------------------------- config
-def resolve_config(**overrides: Any) -> dict[str, Any]:
-    """Merge defaults, the profile, the method's profile and the caller's keywords; fill in
-    the dataset's threat model; validate. Returns a plain JSON-able dict."""
-    profile = overrides.get("profile")
-    if profile is not None and profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    method_name = overrides.get("method", TRAIN_DEFAULTS["method"])
-    method_cls = get_method(method_name)
-    cfg = dict(TRAIN_DEFAULTS)
-    if profile:
-        cfg.update(PROFILES[profile])
-        cfg.update(method_cls.profiles.get(profile, {}))
-    cfg.update(overrides)
-    cfg["method"] = method_name
-    if cfg["dataset"] not in data_mod.DATASETS:
-        raise ValueError(f"unknown dataset {cfg['dataset']!r}; choose one of {data_mod.DATASETS}")
-    info = data_mod.dataset_info(cfg["dataset"])
-    if cfg["eps"] is None:
-        cfg["eps"] = info["eps"][cfg["norm"]]
-    check_eps(cfg["eps"], cfg["norm"])
-    if cfg["alpha"] is None:
-        cfg["alpha"] = cfg["eps"] / 4
-    # method hyperparameters: anything that is not an engine key; the attack settings are
-    # shared with methods that take them
-    method_hp = {k: v for k, v in cfg.items() if k not in ENGINE_KEYS}
-    for key in ATTACK_KEYS:
-        if key in method_cls.defaults and cfg.get(key) is not None:
-            method_hp[key] = cfg[key]
-    unknown = set(method_hp) - set(method_cls.defaults)
-    if unknown:
-        raise ValueError(
-            f"unknown setting(s) {sorted(unknown)} for method {method_name!r}; engine settings "
-            f"are {sorted(ENGINE_KEYS)}, the method's are {sorted(method_cls.defaults)}")
-    cfg = {k: v for k, v in cfg.items() if k in ENGINE_KEYS}
-    cfg["method_hp"] = {**method_cls.defaults, **method_hp}
-    cfg["milestones"], cfg["lr_factors"] = list(cfg["milestones"]), list(cfg["lr_factors"])
-    if cfg["stop_after"] is not None and cfg["stop_after"] < 1:
-        raise ValueError("stop_after must be >= 1 epoch")
-    return cfg
+    """A checkpoint or run directory that does not fit the request, with what to do."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -215,19 +136,39 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path: Path, *, model, optimizer, method, cfg, epoch, step, history,
-                    generator) -> None:
-    """Everything needed to continue exactly: weights, optimiser, method state, RNG states."""
+def checkpoint_state(*, model, optimizer, method, cfg, epoch, step, history,
+                     generator) -> dict[str, Any]:
+    """Everything needed to continue exactly: weights, optimiser, method state, RNG states.
+    Tensors and plain containers only, so it loads with ``weights_only=True``."""
     base = _base_model(model)
-    torch.save(dict(
-        model=base.state_dict(), arch=base.arch, num_classes=base.num_classes,
-        in_channels=base.in_channels, optimizer=optimizer.state_dict(),
-        method=method.state_dict(), config=cfg, epoch=epoch, step=step, history=history,
-        rng=_rng_state(), generator=generator.get_state()), path)
+    return dict(
+        model=_clone(base.state_dict()), arch=base.arch,
+        num_classes=base.num_classes, in_channels=base.in_channels,
+        optimizer=_clone(optimizer.state_dict()), method=_clone(method.state_dict()),
+        config=cfg, epoch=epoch,
+        step=step, history=history, rng=_rng_state(), generator=generator.get_state())
+
+
+def _clone(tree: Any) -> Any:
+    """A copy of nested dicts/lists whose tensors are detached clones (no host sync): the
+    state stays as it is now while training goes on."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone(v) for v in tree)
+    return tree
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Write a checkpoint atomically (see ``checkpoint_state`` for the keywords)."""
+    atomic_torch_save(checkpoint_state(**state), path)
 
 
 def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict[str, Any]:
-    """Read a checkpoint, with one clear error for a missing or unreadable file."""
+    """Read a checkpoint with ``weights_only=True`` (a crafted file cannot run code), with one
+    clear error for a missing, corrupt or foreign file."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
@@ -235,10 +176,13 @@ def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}; train one with `python -m mixlab "
                               f"train --run-dir <dir>` or pass the run directory")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch raises several types for a corrupt file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err.__class__.__name__}: "
-                              f"{err}); it is corrupt or not a mixlab checkpoint: retrain it") from err
+        ckpt = safe_torch_load(path, map_location=map_location)
+    except Exception as err:  # torch raises several types for a corrupt or unsafe file
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); it is corrupt, not a mixlab "
+            f"checkpoint, or holds objects other than tensors (mixlab never unpickles those): "
+            f"retrain it") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         raise CheckpointError(f"{path} is not a mixlab checkpoint (no model/arch entries)")
     return ckpt
@@ -259,58 +203,148 @@ def check_compatible(ckpt: dict[str, Any], *, arch: str, num_classes: int,
                               f"data has {in_channels}")
 
 
+def nonfinite_entries(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point weights and buffers (BatchNorm statistics included) that
+    hold NaN or inf. One host sync."""
+    names = [k for k, v in state_dict.items() if torch.is_floating_point(v)]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state_dict[k]).all() for k in names]).cpu()
+    return [k for k, ok in zip(names, finite.tolist()) if not ok]
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def _accuracy(model, x, y, batch_size: int) -> float:
     correct = torch.zeros((), device=x.device)
     for i in range(0, len(x), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()
+        correct += (model(x[i:i + batch_size]).float().argmax(1) == y[i:i + batch_size]).sum()
     return correct.item() / max(1, len(x))
 
 
 def quick_eval(model, x, y, cfg, batch_size: int = 500) -> dict[str, float]:
-    """Clean and PGD-``eval_steps`` accuracy on the evaluation split (fp32 forward for the
-    final predictions, bf16 inside the attack on CUDA)."""
+    """Clean and PGD-``eval_steps`` accuracy on the validation split, fp32 throughout (these
+    numbers select the best checkpoint; reported numbers come from ``mixlab.evaluate``)."""
     model.eval()
-    out = {"test_clean": _accuracy(model, x, y, batch_size)}
+    out = {"val_clean": _accuracy(model, x, y, batch_size)}
     if cfg["eval_steps"]:
+        step_size = max(cfg["step_size"], 2.5 * cfg["eps"] / cfg["eval_steps"])
         x_adv = torch.cat([
             pgd(model, x[i:i + batch_size], y[i:i + batch_size], eps=cfg["eps"],
-                alpha=max(cfg["alpha"], 2.5 * cfg["eps"] / cfg["eval_steps"]),
-                steps=cfg["eval_steps"], norm=cfg["norm"])
+                step_size=step_size, steps=cfg["eval_steps"], norm=cfg["norm"], bf16=False)
             for i in range(0, len(x), batch_size)])
-        out["test_robust"] = _accuracy(model, x_adv, y, batch_size)
+        out["val_robust"] = _accuracy(model, x_adv, y, batch_size)
     return out
 
 
 # ----------------------------------------------------------------------------- the loop
 def prepare_data(cfg: dict[str, Any], device: torch.device):
-    """(train split, evaluation split) as TensorDatasets on ``device``."""
+    """(train split, validation split or None) as TensorDatasets on ``device``. The validation
+    split is held out of the training set (seeded by ``seed``); the test set is never read."""
     train_ds = data_mod.load_dataset(cfg["dataset"], "train", root=cfg["data_root"],
                                      download=cfg["download"])
+    val_ds = None
     if cfg["val_size"]:
-        train_ds, eval_ds = data_mod.train_val_split(train_ds, cfg["val_size"], seed=cfg["seed"])
-    else:
-        eval_ds = data_mod.load_dataset(cfg["dataset"], "test", root=cfg["data_root"],
-                                        download=cfg["download"])
+        if cfg["val_size"] >= len(train_ds):
+            raise ValueError(f"val_size={cfg['val_size']} leaves no training data: "
+                             f"{cfg['dataset']} has {len(train_ds)} training examples")
+        train_ds, val_ds = data_mod.train_val_split(train_ds, cfg["val_size"], seed=cfg["seed"])
+        if cfg["eval_subset"]:
+            val_ds = val_ds.subset(min(cfg["eval_subset"], len(val_ds)), seed=0)
     if cfg["train_subset"]:
+        if cfg["train_subset"] > len(train_ds):
+            raise ValueError(f"train_subset={cfg['train_subset']} is larger than the "
+                             f"{len(train_ds)} training examples left after the validation split")
         train_ds = train_ds.subset(cfg["train_subset"], seed=cfg["seed"])
-    if cfg["test_subset"]:
-        eval_ds = eval_ds.subset(cfg["test_subset"], seed=0)
-    return train_ds.to(device), eval_ds.to(device)
+    for ds in (train_ds, val_ds):
+        if ds is not None:
+            _check_labels(ds)
+    return train_ds.to(device), (val_ds.to(device) if val_ds is not None else None)
 
 
-def train(**config: Any):
+def _check_labels(ds) -> None:
+    """Labels must be int64 class indices in [0, num_classes): anything else would train on
+    garbage (one host sync, at load time)."""
+    if ds.y.dtype != torch.int64:
+        raise ValueError(f"{ds.name} labels have dtype {ds.y.dtype}; class indices (int64) "
+                         f"are needed")
+    lo, hi = int(ds.y.min()), int(ds.y.max())
+    if lo < 0 or hi >= ds.num_classes:
+        raise ValueError(f"{ds.name} ({ds.split}) has labels in [{lo}, {hi}] but "
+                         f"{ds.num_classes} classes: labels must lie in [0, {ds.num_classes - 1}]")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); delete the run directory or "
+                              f"pass overwrite=True") from err
+
+
+def _prepare_run_dir(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Decide what happens to an existing run directory (the caller holds its lock).
+
+    Returns the checkpoint to resume from, or None to start afresh. Refuses, with the
+    difference and the fix, a directory holding a run with other settings, a finished run or
+    ``resume=False`` on an existing run, unless ``overwrite=True``."""
+    has_run = any((run_dir / name).exists() for name in ("config.json", "last.pt"))
+    if not has_run:
+        return None
+    if cfg["overwrite"]:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "method", ignore_errors=True)
+        return None
+    ckpt = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
+    saved = ckpt["config"] if ckpt is not None else _read_json(run_dir / "config.json")
+    diff = config_difference(saved, cfg)
+    if diff:
+        raise CheckpointError(
+            f"{run_dir} holds a run with other settings:\n  " + "\n  ".join(diff) +
+            "\nPass another run_dir, or overwrite=True (--overwrite) to replace that run")
+    if ckpt is None:  # killed before its first epoch completed: nothing to lose
+        return None
+    done = ckpt["epoch"] + 1
+    if not cfg["resume"]:
+        raise CheckpointError(
+            f"{run_dir} holds a run at epoch {done} of {saved['epochs']}; pass resume=True to "
+            f"continue it or overwrite=True (--overwrite) to replace it")
+    return ckpt
+
+
+def _sync_run_files(run_dir: Path, ckpt: dict[str, Any], best_metric: str) -> None:
+    """After a kill: make metrics.jsonl and best.pt agree with last.pt (the source of truth)."""
+    history = ckpt["history"]
+    _write_metrics(run_dir, history)
+    scores = [h.get(best_metric) for h in history]
+    if any(v is not None for v in scores):
+        best_epoch = max(range(len(scores)), key=lambda i: (scores[i] is not None,
+                                                            scores[i] or 0.0, -i))
+        best_ok = False
+        if (run_dir / "best.pt").exists():
+            best_ok = load_checkpoint(run_dir / "best.pt")["epoch"] == best_epoch
+        if not best_ok and best_epoch == ckpt["epoch"]:
+            atomic_torch_save(ckpt, run_dir / "best.pt")
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
+
+
+def train(*, method_hp: dict[str, Any] | None = None, **settings: Any):
     """Train a model with one method; returns ``(model, history)``.
 
-    Keywords are the settings in ``TRAIN_DEFAULTS`` plus the method's hyperparameters (its
-    ``defaults`` table), e.g. ``train(method="mixup", alpha=0.2, profile="smoke")``.
-    ``history`` is a list of per-epoch dicts (train loss/accuracy, evaluation accuracies,
-    seconds, images per second). With ``run_dir`` set, the run directory holds
-    ``config.json``, ``provenance.json``, ``metrics.jsonl``, ``last.pt``, ``best.pt`` and
-    ``method/epoch_XXX.npz``, and an existing ``last.pt`` is resumed (``resume=True``).
+    Keywords are the engine settings (``mixlab.config.SETTINGS``); the method's own
+    hyperparameters go in ``method_hp`` (its ``defaults`` table), e.g.
+    ``train(method="mixup", method_hp={"alpha": 0.2}, profile="smoke")``. The training threat
+    model (``eps``, ``step_size``, ``steps``, ``norm``) reaches the method as one
+    ``AttackSpec``. ``history`` is a list of per-epoch dicts (train loss/accuracy, validation
+    accuracies ``val_clean``/``val_robust``, seconds, images per second). With ``run_dir``
+    set, the run directory is written as the module docstring describes.
     """
-    cfg = resolve_config(**config)
+    cfg = resolve_config(method_hp=method_hp, **settings)
     device = pick_device(cfg["device"])
     use_bf16 = device.type == "cuda" if cfg["bf16"] is None else cfg["bf16"]
     use_cl = device.type == "cuda" if cfg["channels_last"] is None else cfg["channels_last"]
@@ -318,7 +352,7 @@ def train(**config: Any):
     if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = True
 
-    train_ds, eval_ds = prepare_data(cfg, device)
+    train_ds, val_ds = prepare_data(cfg, device)
     info = data_mod.dataset_info(cfg["dataset"])
     in_channels = train_ds.x.shape[1]
     model = build_model(cfg["model"], train_ds.num_classes, in_channels,
@@ -326,16 +360,14 @@ def train(**config: Any):
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     method = get_method(cfg["method"])(num_train=len(train_ds), num_classes=train_ds.num_classes,
-                                       epochs=cfg["epochs"], **cfg["method_hp"])
+                                       epochs=cfg["epochs"], attack=attack_spec(cfg),
+                                       **cfg["method_hp"])
     if cfg["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                     nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
-    elif cfg["optimizer"] == "adam":
+    else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"],
                                      weight_decay=cfg["weight_decay"])
-    else:
-        raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choose sgd or adam")
-
     generator = torch.Generator().manual_seed(cfg["seed"])
     loader = data_mod.DeviceLoader(train_ds, cfg["batch_size"], shuffle=True,
                                    augment=cfg["augment"] and info["image_size"] == 32,
@@ -343,37 +375,45 @@ def train(**config: Any):
     if len(loader) == 0:
         raise ValueError(f"batch_size={cfg['batch_size']} is larger than the training set "
                          f"({len(train_ds)} examples)")
-    total_steps = cfg["epochs"] * len(loader)
-
-    run_dir = Path(cfg["run_dir"]) if cfg["run_dir"] else None
-    history: list[dict[str, Any]] = []
-    start_epoch, step = 0, 0
-    if run_dir:
-        (run_dir / "method").mkdir(parents=True, exist_ok=True)
-        if cfg["resume"] and (run_dir / "last.pt").exists():
-            ckpt = load_checkpoint(run_dir / "last.pt")
+    if cfg["run_dir"] is None:
+        return _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val_ds,
+                    use_bf16, run_dir=None, ckpt=None)
+    run_dir = Path(cfg["run_dir"])
+    with RunLock(run_dir):
+        ckpt = _prepare_run_dir(run_dir, cfg)
+        if ckpt is not None:
             check_compatible(ckpt, arch=cfg["model"], num_classes=train_ds.num_classes,
                              in_channels=in_channels, where=str(run_dir / "last.pt"))
-            _base_model(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            method.load_state_dict(ckpt["method"])
-            _set_rng_state(ckpt["rng"])
-            generator.set_state(ckpt["generator"])
-            start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], ckpt["history"]
-        else:
-            for stale in ("metrics.jsonl",):
-                (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-        (run_dir / "provenance.json").write_text(
-            json.dumps(provenance(cfg, device, train_ds), indent=2))
+            _sync_run_files(run_dir, ckpt, method.best_metric)
+        atomic_write_json(run_dir / "config.json", cfg)
+        atomic_write_json(run_dir / "provenance.json", provenance(cfg, device, train_ds))
+        return _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val_ds,
+                    use_bf16, run_dir=run_dir, ckpt=ckpt)
 
+
+def _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val_ds, use_bf16,
+         *, run_dir: Path | None, ckpt: dict[str, Any] | None):
+    """The epochs of ``train`` (settings checked, run directory prepared and locked)."""
+    history: list[dict[str, Any]] = []
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        _base_model(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        method.load_state_dict(ckpt["method"])
+        _set_rng_state(ckpt["rng"])
+        generator.set_state(ckpt["generator"])
+        start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], ckpt["history"]
+    if run_dir:
+        (run_dir / "method").mkdir(parents=True, exist_ok=True)
+    total_steps = cfg["epochs"] * len(loader)
     fwd_model = torch.compile(model) if cfg["compile"] else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
                 else torch.autocast(device.type, enabled=False))
-    best_score = max((h.get(method.best_metric, -1.0) for h in history), default=-1.0)
-    last_epoch = cfg["epochs"] if cfg["stop_after"] is None else min(cfg["epochs"],
-                                                                     cfg["stop_after"])
+    metric = method.best_metric
+    best_score = max((h[metric] for h in history if h.get(metric) is not None), default=-math.inf)
+    last_epoch = cfg["epochs"] if cfg["stop_after"] is None else cfg["stop_after"]
     progress = _progress(range(start_epoch, last_epoch), cfg)
+    state = dict(model=model, optimizer=optimizer, method=method, cfg=cfg, generator=generator)
 
     for epoch in progress:
         model.train()
@@ -381,6 +421,7 @@ def train(**config: Any):
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen, scored = 0, 0
+        snapshot = checkpoint_state(epoch=epoch - 1, step=step, history=list(history), **state)
         for batch in loader:
             for group in optimizer.param_groups:
                 group["lr"] = cfg["lr"] * lr_at(cfg, step / total_steps)
@@ -395,12 +436,14 @@ def train(**config: Any):
             if logits is not None:
                 correct += (logits.detach().argmax(1) == batch.y).sum()
                 scored += len(batch.y)
-            if step % cfg["check_every"] == 0 and not torch.isfinite(loss_sum):
-                _stop_nonfinite(run_dir, model, optimizer, method, cfg, epoch, step, history,
-                                generator)
-        if not torch.isfinite(loss_sum):
-            _stop_nonfinite(run_dir, model, optimizer, method, cfg, epoch, step, history,
-                            generator)
+            if step % cfg["check_every"] == 0:
+                if not torch.isfinite(loss_sum):
+                    _stop_nonfinite(run_dir, snapshot, cfg, epoch, step)
+                snapshot = checkpoint_state(epoch=epoch - 1, step=step, history=list(history),
+                                            **state)
+        bad = nonfinite_entries(_base_model(model).state_dict())
+        if not torch.isfinite(loss_sum) or bad:
+            _stop_nonfinite(run_dir, snapshot, cfg, epoch, step, bad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
@@ -409,25 +452,26 @@ def train(**config: Any):
             train_loss=loss_sum.item() / seen,
             train_acc=(correct.item() / scored) if scored else None,
             seconds=seconds, img_per_s=seen / seconds)
-        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-            record.update(quick_eval(model, eval_ds.x.float() / 255, eval_ds.y, cfg))
-            record.update(method.evaluate_extra(model, eval_ds.x.float() / 255, eval_ds.y))
+        if val_ds is not None and ((epoch + 1) % cfg["eval_every"] == 0
+                                   or epoch + 1 == cfg["epochs"]):
+            x_val = val_ds.x.float() / 255
+            record.update(quick_eval(model, x_val, val_ds.y, cfg))
+            extra = method.evaluate_extra(model, x_val, val_ds.y)
+            record.update({f"val_{k}": v for k, v in extra.items()})
         arrays = method.epoch_end(epoch)
         history.append(record)
         if run_dir:
+            # order matters for a kill at any instant: arrays, then last.pt (the commit point),
+            # then best.pt and metrics.jsonl, which a resume rebuilds from last.pt
             if arrays:
-                np.savez_compressed(run_dir / "method" / f"epoch_{epoch + 1:03d}.npz", **arrays)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(run_dir / "last.pt", model=model, optimizer=optimizer,
-                            method=method, cfg=cfg, epoch=epoch, step=step, history=history,
-                            generator=generator)
-            score = record.get(method.best_metric)
+                atomic_savez(run_dir / "method" / f"epoch_{epoch + 1:03d}.npz", **arrays)
+            ckpt_state = checkpoint_state(epoch=epoch, step=step, history=history, **state)
+            atomic_torch_save(ckpt_state, run_dir / "last.pt")
+            score = record.get(metric)
             if score is not None and score > best_score:
                 best_score = score
-                save_checkpoint(run_dir / "best.pt", model=model, optimizer=optimizer,
-                                method=method, cfg=cfg, epoch=epoch, step=step,
-                                history=history, generator=generator)
+                atomic_torch_save(ckpt_state, run_dir / "best.pt")
+            _write_metrics(run_dir, history)
         if hasattr(progress, "set_postfix"):
             progress.set_postfix({k: round(v, 3) for k, v in record.items()
                                   if isinstance(v, float)})
@@ -442,16 +486,17 @@ def _progress(epochs: range, cfg: dict[str, Any]):
     return tqdm(epochs, desc=f"{cfg['method']} {cfg['model']} {cfg['dataset']}", unit="epoch")
 
 
-def _stop_nonfinite(run_dir, model, optimizer, method, cfg, epoch, step, history, generator):
+def _stop_nonfinite(run_dir, snapshot, cfg, epoch, step, bad_entries=()):
     where = ""
     if run_dir:
-        save_checkpoint(run_dir / "nonfinite.pt", model=model, optimizer=optimizer,
-                        method=method, cfg=cfg, epoch=epoch, step=step, history=history,
-                        generator=generator)
-        where = f"; the state is saved in {run_dir / 'nonfinite.pt'}"
+        atomic_torch_save(snapshot, run_dir / "nonfinite.pt")
+        where = (f"; the last state with a finite loss (after step {snapshot['step']}) is in "
+                 f"{run_dir / 'nonfinite.pt'}; last.pt and best.pt keep the last finite epoch")
+    what = (f"the weights/buffers {list(bad_entries)[:5]} became NaN/inf" if bad_entries
+            else "the training loss became NaN/inf")
     raise NonFiniteLossError(
-        f"the training loss became NaN/inf in epoch {epoch + 1} (step {step}){where}. "
-        f"Lower the learning rate (lr={cfg['lr']}) or check the method's settings")
+        f"{what} in epoch {epoch + 1} (by step {step}){where}. Lower the learning rate "
+        f"(lr={cfg['lr']}) or check the method's settings")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -463,28 +508,54 @@ class Run:
     history: list[dict[str, Any]]
     path: Path
     method_state: dict[str, Any]
+    which: str = "best"
+    epoch: int = 0   # 1-based epoch of the loaded checkpoint
 
     def method_arrays(self) -> list[dict[str, np.ndarray]]:
-        """The per-epoch arrays the method logged (e.g. GAIRAT's kappa), oldest first."""
+        """The per-epoch arrays the method logged (e.g. GAIRAT's kappa), oldest first. Read
+        with ``allow_pickle=False``: only arrays."""
         files = sorted((self.path / "method").glob("epoch_*.npz"))
-        return [dict(np.load(f)) for f in files]
+        out = []
+        for f in files:
+            with np.load(f, allow_pickle=False) as z:
+                out.append({k: z[k] for k in z.files})
+        return out
 
 
 def load_run(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu",
              num_classes: int | None = None) -> Run:
     """Load a run directory (or a checkpoint file): model, config and history.
 
-    which: "best" or "last" checkpoint. num_classes, if given, must match the checkpoint
-    (a clear error otherwise)."""
+    which: "best" (the epoch selected on the validation split) or "last". A run without a
+    validation split has no "best" (the test set never selects a model): ask for "last".
+    Checkpoints with non-finite weights are refused. num_classes, if given, must match."""
+    if which not in ("best", "last"):
+        raise ValueError(f"which={which!r} must be 'best' or 'last'")
     path = Path(path)
-    ckpt_path = path if path.is_file() else path / f"{which}.pt"
-    if path.is_dir() and not ckpt_path.exists():
-        ckpt_path = path / "last.pt"
+    if path.is_file():
+        ckpt_path = path
+    elif not path.is_dir():
+        raise CheckpointError(f"no run directory or checkpoint at {path}")
+    else:
+        ckpt_path = path / f"{which}.pt"
+        if not ckpt_path.exists() and (path / "last.pt").exists():
+            cfg = load_checkpoint(path / "last.pt")["config"]
+            if which == "best" and not cfg.get("val_size"):
+                raise CheckpointError(
+                    f"{path} was trained without a validation split (val_size=0), so no "
+                    f"checkpoint was selected; load which='last'")
+            raise CheckpointError(f"{ckpt_path} does not exist (no epoch improved "
+                                  f"{cfg.get('method')}'s validation score yet); load "
+                                  f"which='last'")
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt["config"]
     if num_classes is not None and num_classes != ckpt["num_classes"]:
         raise CheckpointError(f"{ckpt_path} was trained for {ckpt['num_classes']} classes, "
                               f"not {num_classes}")
+    bad = nonfinite_entries(ckpt["model"])
+    if bad:
+        raise CheckpointError(f"{ckpt_path} holds non-finite weights or buffers ({bad[:5]}); "
+                              f"its numbers would mean nothing: retrain with a lower lr")
     info = data_mod.dataset_info(cfg["dataset"])
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"],
                         mean=info.get("mean"), std=info.get("std"))
@@ -495,29 +566,31 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     model.to(device).eval()
     run_dir = ckpt_path.parent
     history = ckpt["history"]
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        history = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    last = run_dir / "last.pt"
+    if ckpt_path.name == "best.pt" and last.exists():
+        history = load_checkpoint(last)["history"]  # the whole run, not up to the best epoch
     return Run(model=model, config=cfg, history=history, path=run_dir,
-               method_state=ckpt.get("method", {}))
+               method_state=ckpt.get("method", {}), which=ckpt_path.stem,
+               epoch=ckpt["epoch"] + 1)
 
 
-def train_or_load(*, run_dir: str | Path, **config: Any) -> Run:
+def train_or_load(*, run_dir: str | Path, which: str = "best",
+                  method_hp: dict[str, Any] | None = None, **settings: Any) -> Run:
     """Train (or finish training) the run in ``run_dir`` unless it is complete; load it.
 
-    Notebooks call this so a second execution reuses finished runs."""
+    Notebooks call this so a second execution reuses finished runs. A directory holding a run
+    with other settings is refused with the difference (``overwrite=True`` replaces it)."""
     run_dir = Path(run_dir)
+    wanted = resolve_config(run_dir=str(run_dir), method_hp=method_hp, **settings)
     done = False
-    if (run_dir / "last.pt").exists():
+    if (run_dir / "last.pt").exists() and not wanted["overwrite"]:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        wanted = resolve_config(run_dir=str(run_dir), **config)
-        changed = sorted(k for k in wanted if k not in RUN_ONLY_KEYS
-                         and wanted[k] != ckpt["config"].get(k))
-        if changed:
+        diff = config_difference(ckpt["config"], wanted)
+        if diff:
             raise CheckpointError(
-                f"{run_dir} holds a run with other settings ({', '.join(changed)}); pass "
-                f"another run_dir or delete {run_dir} to retrain")
+                f"{run_dir} holds a run with other settings:\n  " + "\n  ".join(diff) +
+                "\nPass another run_dir, or overwrite=True to replace that run")
         done = ckpt["epoch"] + 1 >= wanted["epochs"]
     if not done:
-        train(run_dir=str(run_dir), **config)
-    return load_run(run_dir, device=pick_device(config.get("device", "auto")))
+        train(run_dir=str(run_dir), method_hp=method_hp, **settings)
+    return load_run(run_dir, which=which, device=pick_device(wanted["device"]))

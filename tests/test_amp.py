@@ -43,7 +43,7 @@ def test_perturbation_stays_in_ball_and_box(net, batch, norm, eps):
     for p in net.parameters():
         p.grad = None
     x_a_adv, x_b_adv, lam_star = amp_perturb(
-        net, x, x[perm], _soft(y), _soft(y[perm]), lam, eps=eps, alpha=eps / 4, steps=5,
+        net, x, x[perm], _soft(y), _soft(y[perm]), lam, eps=eps, step_size=eps / 4, steps=5,
         norm=norm, lam_opt=True, lam_min=0.2, lam_max=0.8)
     for adv, clean in [(x_a_adv, x), (x_b_adv, x[perm])]:
         delta = (adv - clean).flatten(1)
@@ -60,7 +60,7 @@ def test_lam_opt_moves_lam_in_signed_steps(net, batch):
     x, y, perm, lam = batch
     lam = torch.full((B,), 0.5)
     _, _, lam_star = amp_perturb(net, x, x[perm], _soft(y), _soft(y[perm]), lam, eps=0.0,
-                                 alpha=0.0, steps=3, lam_opt=True, lam_step=0.05)
+                                 step_size=0.0, steps=3, lam_opt=True, lam_step=0.05)
     steps_taken = (lam_star - 0.5).abs() / 0.05
     assert torch.allclose(steps_taken, steps_taken.round(), atol=1e-4)  # signed steps
     assert (lam_star != 0.5).any()
@@ -76,13 +76,13 @@ def test_geo_label_without_perturbation_returns_lam(batch):
 
 def test_eps0_equals_mixup_loss(net, batch):
     x, y, perm, lam = batch
-    out = amp_loss(net, x, y, perm, lam, num_classes=K, eps=0.0, alpha=2 / 255, steps=3)
+    out = amp_loss(net, x, y, perm, lam, num_classes=K, eps=0.0, step_size=2 / 255, steps=3)
     x_mix, y_a, y_b = mixup_data(x, y, lam, perm)
     expected = mixup_criterion(net(x_mix), y_a, y_b, lam)
     assert torch.allclose(out["loss"], expected, atol=1e-5)
     assert torch.allclose(out["t"], lam, atol=1e-5)
     # geometric labels give the same loss when nothing moved
-    geo = amp_loss(net, x, y, perm, lam, num_classes=K, eps=0.0, alpha=2 / 255, steps=3,
+    geo = amp_loss(net, x, y, perm, lam, num_classes=K, eps=0.0, step_size=2 / 255, steps=3,
                    geo_label=True, clean_weight=0.5)
     assert torch.allclose(geo["loss"], expected, atol=1e-4)
 

@@ -19,13 +19,13 @@ def batch(n=16):
 
 ATTACKS = {
     "fgsm_linf": lambda m, x, y, eps: fgsm(m, x, y, eps=eps),
-    "pgd_linf_ce": lambda m, x, y, eps: pgd(m, x, y, eps=eps, alpha=eps / 4, steps=5),
-    "pgd_linf_cw": lambda m, x, y, eps: pgd(m, x, y, eps=eps, alpha=eps / 4, steps=5, loss="cw"),
-    "pgd_linf_slm_restarts": lambda m, x, y, eps: pgd(m, x, y, eps=eps, alpha=eps / 4, steps=3,
+    "pgd_linf_ce": lambda m, x, y, eps: pgd(m, x, y, eps=eps, step_size=eps / 4, steps=5),
+    "pgd_linf_cw": lambda m, x, y, eps: pgd(m, x, y, eps=eps, step_size=eps / 4, steps=5, loss="cw"),
+    "pgd_linf_slm_restarts": lambda m, x, y, eps: pgd(m, x, y, eps=eps, step_size=eps / 4, steps=3,
                                                       loss="slm", restarts=2),
-    "pgd_linf_early_stop": lambda m, x, y, eps: pgd(m, x, y, eps=eps, alpha=eps / 4, steps=5,
+    "pgd_linf_early_stop": lambda m, x, y, eps: pgd(m, x, y, eps=eps, step_size=eps / 4, steps=5,
                                                     early_stop=True),
-    "pgd_l2": lambda m, x, y, eps: pgd(m, x, y, eps=eps * 16, alpha=eps * 4, steps=5, norm="L2"),
+    "pgd_l2": lambda m, x, y, eps: pgd(m, x, y, eps=eps * 16, step_size=eps * 4, steps=5, norm="L2"),
     "fgsm_l2": lambda m, x, y, eps: fgsm(m, x, y, eps=eps * 16, norm="L2"),
 }
 
@@ -52,7 +52,7 @@ def test_attack_invariants(name):
 def test_model_mode_restored_and_no_param_grads():
     model, (x, y) = tiny_model(), batch()
     model.train()
-    pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=2)
+    pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=2)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
 
@@ -63,7 +63,7 @@ def test_pgd_at_least_as_strong_as_fgsm():
     loss = nn.CrossEntropyLoss()
     with torch.no_grad():
         l_fgsm = loss(model(fgsm(model, x, y, eps=4 / 255)), y)
-        l_pgd = loss(model(pgd(model, x, y, eps=4 / 255, alpha=1 / 255, steps=10,
+        l_pgd = loss(model(pgd(model, x, y, eps=4 / 255, step_size=1 / 255, steps=10,
                                random_start=False)), y)
     assert l_pgd >= l_fgsm - 1e-4
 
@@ -72,9 +72,9 @@ def test_cw_attack_raises_cw_margin_more_than_ce_on_average():
     model, (x, y) = tiny_model(), batch(64)
     y = model(x).argmax(1)
     with torch.no_grad():
-        m_cw = cw_margin(model(pgd(model, x, y, eps=2 / 255, alpha=0.5 / 255, steps=10,
+        m_cw = cw_margin(model(pgd(model, x, y, eps=2 / 255, step_size=0.5 / 255, steps=10,
                                    loss="cw", random_start=False)), y)
-        m_ce = cw_margin(model(pgd(model, x, y, eps=2 / 255, alpha=0.5 / 255, steps=10,
+        m_ce = cw_margin(model(pgd(model, x, y, eps=2 / 255, step_size=0.5 / 255, steps=10,
                                    loss="ce", random_start=False)), y)
     assert m_cw.mean() >= m_ce.mean() - 1e-4
 
@@ -90,11 +90,11 @@ def test_margins_on_hand_made_logits():
 def test_per_example_eps():
     model, (x, y) = tiny_model(), batch(4)
     eps = torch.tensor([0.0, 1 / 255, 4 / 255, 8 / 255])
-    x_adv = pgd(model, x, y, eps=eps, alpha=eps / 2, steps=3)
+    x_adv = pgd(model, x, y, eps=eps, step_size=eps / 2, steps=3)
     linf = (x_adv - x).flatten(1).abs().amax(1)
     assert (linf <= eps + 1e-6).all()
     assert linf[0] == 0
-    x_l2 = pgd(model, x, y, eps=eps * 8, alpha=eps * 2, steps=3, norm="L2")
+    x_l2 = pgd(model, x, y, eps=eps * 8, step_size=eps * 2, steps=3, norm="L2")
     assert ((x_l2 - x).flatten(1).norm(dim=1) <= eps * 8 + 1e-5).all()
 
 
@@ -115,7 +115,7 @@ def test_kappa_counts_correct_iterates_on_hand_made_model():
     start = torch.tensor([0.45, 0.41, 0.55])  # needs 3, 5, 0 steps to cross (>= 0.5)
     x = start.reshape(3, 1, 1, 1).expand(3, 1, 4, 4).clone()
     y = torch.zeros(3, dtype=torch.long)
-    _, kappa = pgd(model, x, y, eps=0.2, alpha=0.02, steps=10, random_start=False,
+    _, kappa = pgd(model, x, y, eps=0.2, step_size=0.02, steps=10, random_start=False,
                    return_kappa=True)
     # iterates before steps k = 0..9 have mean start + 0.02k; correct while mean < 0.5
     assert kappa.tolist() == [3, 5, 0]
@@ -125,7 +125,7 @@ def test_early_stop_freezes_examples_once_fooled():
     model = Linear1D(100.0, 0.5)
     x = torch.full((1, 1, 4, 4), 0.45)
     y = torch.zeros(1, dtype=torch.long)
-    x_adv = pgd(model, x, y, eps=0.3, alpha=0.02, steps=10, random_start=False, early_stop=True)
+    x_adv = pgd(model, x, y, eps=0.3, step_size=0.02, steps=10, random_start=False, early_stop=True)
     # first misclassified iterate at 0.45 + 3 * 0.02 = 0.51, then it stops moving
     assert torch.allclose(x_adv.mean(), torch.tensor(0.51), atol=1e-5)
 
@@ -134,7 +134,7 @@ def test_bf16_autocast_channels_last_cpu_path():
     model = tiny_model().to(memory_format=torch.channels_last)
     x, y = batch(8)
     x = x.to(memory_format=torch.channels_last)
-    x_adv = pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3, amp=True)
+    x_adv = pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3, bf16=True)
     assert x_adv.dtype == torch.float32
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
 
@@ -143,12 +143,12 @@ def test_bf16_autocast_channels_last_cpu_path():
 def test_bad_eps_is_one_clear_error(eps):
     model, (x, y) = tiny_model(), batch(2)
     with pytest.raises(ValueError, match="eps"):
-        pgd(model, x, y, eps=eps, alpha=0.01, steps=1)
+        pgd(model, x, y, eps=eps, step_size=0.01, steps=1)
 
 
 @pytest.mark.gpu
 def test_pgd_on_cuda_bf16():
     model = tiny_model().cuda().to(memory_format=torch.channels_last)
     x, y = (t.cuda() for t in batch(8))
-    x_adv, kappa = pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3, return_kappa=True)
+    x_adv, kappa = pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3, return_kappa=True)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and kappa.max() <= 3

@@ -144,7 +144,7 @@ def test_reference_pgd_stays_in_the_ball():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
     x = torch.rand(4, 3, 8, 8)
     y = torch.randint(0, 10, (4,))
-    x_adv, kappa = bench.reference_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3)
+    x_adv, kappa = bench.reference_pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert kappa.shape == (4,) and ((kappa >= 0) & (kappa <= 3)).all()

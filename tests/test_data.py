@@ -283,6 +283,54 @@ def test_cifar10_pickles_preferred_over_image_folder(tmp_path):
     assert ds.y.tolist() == [1, 0, 2, 0, 3, 0, 4, 0, 5, 0] and ds.x[9].unique().tolist() == [5]
 
 
+class _RunsCode:
+    """Unpickling this runs ``open(marker, "w")``: a stand-in for a malicious dataset file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("bad_file", ["test_batch", "batches.meta"])
+def test_cifar_pickles_that_run_code_are_refused(tmp_path, bad_file):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    for i in range(1, 6):
+        _pickle(folder / f"data_batch_{i}", {"data": np.full((2, 3072), i, np.uint8), "labels": [i, 0]})
+    _pickle(folder / "test_batch", {"data": np.zeros((1, 3072), np.uint8), "labels": [9]})
+    _pickle(folder / "batches.meta", {"label_names": list(data.CIFAR10_CLASSES)})
+    evil = {"test_batch": {"data": np.zeros((1, 3072), np.uint8), "labels": [_RunsCode(marker)]},
+            "batches.meta": {"label_names": _RunsCode(marker)}}[bad_file]
+    _pickle(folder / bad_file, evil)
+    pickle.loads((folder / bad_file).read_bytes())  # the file is live: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    split = "test" if bad_file == "test_batch" else "train"  # batches.meta is read for both
+    with pytest.raises(DataError, match=r"cifar10.*builtins\.exec.*not a CIFAR batch"):
+        load_dataset("cifar10", split, root=tmp_path)
+    assert not marker.exists()
+    if bad_file == "test_batch":  # the good files still load
+        assert len(load_dataset("cifar10", "train", root=tmp_path)) == 10
+
+
+def test_mnist_gunzip_is_atomic(tmp_path):
+    raw = tmp_path / "gz"
+    raw.mkdir()
+    x, y = _mnist_arrays()["train"]
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(x)))
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(y))[:-12])  # truncated
+    root = tmp_path / "data"
+    with pytest.raises(EOFError):
+        prepare_mnist_from_gz(raw, root)
+    out = root / "MNIST" / "raw"
+    # The good file is complete, the truncated one left nothing behind (no partial, no temp file).
+    assert sorted(p.name for p in out.iterdir()) == ["train-images-idx3-ubyte"]
+    assert (out / "train-images-idx3-ubyte").read_bytes() == _idx_bytes(x)
+
+
 def test_svhn_mat(tmp_path):
     from scipy.io import savemat
 

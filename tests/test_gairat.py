@@ -111,7 +111,7 @@ def test_tau_schedule():
 # ----------------------------------------------------------------------------- κ and FAT
 class Threshold(nn.Module):
     """Predicts class 0 when the single pixel is above 0.5, else class 1. With y = 0 every
-    PGD step lowers the pixel by alpha, so where it crosses 0.5 is known in advance."""
+    PGD step lowers the pixel by step_size, so where it crosses 0.5 is known in advance."""
 
     def forward(self, x):
         s = x.flatten(1).sum(1) - 0.5
@@ -121,7 +121,7 @@ class Threshold(nn.Module):
 START = torch.tensor([0.95, 0.75, 0.55, 0.40]).reshape(-1, 1, 1, 1)
 # iterates 0.95, 0.85, ...: correct while above 0.5
 KAPPA = [5, 3, 1, 0]
-ATTACK = dict(eps=0.5, alpha=0.1, steps=10, random_start=False)
+ATTACK = dict(eps=0.5, step_size=0.1, steps=10, random_start=False)
 
 
 def test_kappa_counts_correct_iterates_before_each_step():
@@ -138,7 +138,7 @@ def test_kappa_counts_correct_iterates_before_each_step():
 def test_fat_stops_tau_misclassified_iterates_after_the_first(tau):
     y = torch.zeros(4, dtype=torch.long)
     x_adv = early_stopped_pgd(Threshold(), START, y, **ATTACK, tau=tau).flatten()
-    # first misclassified iterate: start − κ·alpha; τ more steps, within the 0.5 ball
+    # first misclassified iterate: start − κ·step_size; τ more steps, within the 0.5 ball
     first = START.flatten() - torch.tensor(KAPPA, dtype=torch.float) * 0.1
     edge = (START.flatten() - 0.5).clamp(0, 1)  # the ball's and the box's lower end
     expected = torch.maximum(first - tau * 0.1, edge)
@@ -151,12 +151,12 @@ def test_fat_stops_tau_misclassified_iterates_after_the_first(tau):
 def test_fat_never_fooled_returns_the_last_iterate_and_stays_in_the_ball():
     y = torch.zeros(1, dtype=torch.long)
     x = torch.tensor([0.95]).reshape(1, 1, 1, 1)
-    x_adv = early_stopped_pgd(Threshold(), x, y, eps=0.5, alpha=0.1, steps=3,
+    x_adv = early_stopped_pgd(Threshold(), x, y, eps=0.5, step_size=0.1, steps=3,
                               random_start=False)
     assert x_adv.item() == pytest.approx(0.65)
     x = torch.rand(16, 3, 8, 8)
     x_adv = early_stopped_pgd(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), x,
-                              torch.randint(0, 10, (16,)), eps=8 / 255, alpha=2 / 255, steps=5,
+                              torch.randint(0, 10, (16,)), eps=8 / 255, step_size=2 / 255, steps=5,
                               tau=1, omega=0.01)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
 

@@ -64,13 +64,13 @@ def test_every_method_step_is_free_of_host_syncs(name, bf16, tiny):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(), dict(norm="L2", eps=0.5, alpha=0.1), dict(loss="cw"), dict(loss="slm"),
+    dict(), dict(norm="L2", eps=0.5, step_size=0.1), dict(loss="cw"), dict(loss="slm"),
     dict(restarts=2), dict(early_stop=True), dict(return_kappa=True),
-    dict(eps=torch.full((8,), 4 / 255), alpha=torch.full((8,), 1 / 255)),
+    dict(eps=torch.full((8,), 4 / 255), step_size=torch.full((8,), 1 / 255)),
 ], ids=["linf", "l2", "cw", "slm", "restarts", "early-stop", "kappa", "per-example-eps"])
 def test_pgd_is_free_of_host_syncs(kwargs, tiny):
     model, x, y = tiny
-    kwargs = {"eps": 8 / 255, "alpha": 2 / 255, **kwargs}
+    kwargs = {"eps": 8 / 255, "step_size": 2 / 255, **kwargs}
     with no_host_sync():
         attacks.pgd(model, x, y, steps=3, **kwargs)
 
@@ -79,7 +79,7 @@ def test_other_attacks_are_free_of_host_syncs(tiny):
     model, x, y = tiny
     with no_host_sync():
         attacks.fgsm(model, x, y, eps=8 / 255)
-        attacks.early_stopped_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3, tau=1,
+        attacks.early_stopped_pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3, tau=1,
                                   return_kappa=True)
         direction = torch.randn_like(x)
         attacks.boundary_bisection(model, x, y, direction, lo=torch.zeros(8),

@@ -138,7 +138,7 @@ cells = [
          "x_probe, y_probe = train_ds.x[probe].float() / 255, train_ds.y[probe]\n"
          "model = runs[\"gairat\"].model\n"
          "torch.manual_seed(seed)\n"
-         "_, kappa_probe = pgd(model, x_probe, y_probe, eps=hp[\"eps\"], alpha=hp[\"alpha\"], steps=K,\n"
+         "_, kappa_probe = pgd(model, x_probe, y_probe, eps=hp[\"eps\"], step_size=hp[\"step_size\"], steps=K,\n"
          "                     norm=hp[\"norm\"], return_kappa=True)\n"
          "lam_final = float(logs[\"gairat\"][-1][\"lam\"])  # λ of the last epoch\n"
          "w_probe = gair_weights(kappa_probe, K, lam_final, hp[\"weight_fn\"])\n"

@@ -90,7 +90,7 @@ steps = hp["steps"]
 configs = {
     "mma": mma_config,
     "pgd_at": dict(method="pgd_at", dataset=dataset, norm=norm, profile=profile, seed=seed,
-                   device=str(dev), quiet=True, steps=steps, alpha=2.5 * eps / steps,
+                   device=str(dev), quiet=True, steps=steps, step_size=2.5 * eps / steps,
                    **budget),
     "erm": dict(method="erm", dataset=dataset, norm=norm, profile=profile, seed=seed,
                 device=str(dev), quiet=True, **budget),

@@ -70,7 +70,7 @@ cells = [
     nbf.v4.new_markdown_cell("## A few adversarial examples (PGD-20) and their predictions"),
     nbf.v4.new_code_cell(
         "x_show, y_show = x_test[:8], y_test[:8]\n"
-        "x_adv = pgd(model, x_show, y_show, eps=cfg[\"eps\"], alpha=cfg[\"eps\"] / 4, steps=20)\n"
+        "x_adv = pgd(model, x_show, y_show, eps=cfg[\"eps\"], step_size=cfg[\"eps\"] / 4, steps=20)\n"
         "with torch.no_grad():\n"
         "    pred_clean, pred_adv = model(x_show).argmax(1), model(x_adv).argmax(1)\n"
         "fig, axes = plt.subplots(2, 8, figsize=(14, 4))\n"

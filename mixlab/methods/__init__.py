@@ -1,6 +1,6 @@
 """Training methods, one file each. ``METHODS`` maps a name to its class; every file
 registers itself on import. Add a method: write ``methods/<name>.py`` and import it here."""
-from .base import METHODS, Method, register, soft_cross_entropy  # noqa: F401
+from .base import METHODS, AttackSpec, Method, register, soft_cross_entropy  # noqa: F401
 from . import erm, mixup, pgd_at  # noqa: F401  (import registers)
 from . import mma  # noqa: F401
 from . import amp  # noqa: F401

@@ -7,9 +7,10 @@ The abstract fixes the idea: PGD probes the space *between* training points by b
 two optional modifications are optimizing the mixup ratio and geometric label assignment.
 Every other choice below is mixlab's (papers.md, AMP section), and each variant is a flag:
 
-* pairs by a batch permutation, λ ~ Beta(α, α) with α = ``mix_alpha`` = 1, one λ per example;
+* pairs by a batch permutation, λ ~ Beta(α, α) with α = ``alpha`` = 1, one λ per example;
 * base: perturb both endpoints, x̃_a = clip01(x_a + δ_a), x̃_b = clip01(x_b + δ_b),
-  ‖δ‖ ≤ eps (Linf 8/255 or L2), uniform random start, ``steps`` ascent steps of ``alpha`` on
+  ‖δ‖ ≤ eps (the engine's threat model, ``attack``: Linf 8/255 or L2), uniform random start,
+  ``attack.steps`` ascent steps of ``attack.step_size`` on
   the soft-label CE(f(λ·x̃_a + (1 − λ)·x̃_b), λ·y_a + (1 − λ)·y_b); the model is in eval mode
   during the attack and gradients are taken w.r.t. δ_a, δ_b (and λ) only. The training loss
   is the soft-label CE at the final mixed point, model in train mode;
@@ -26,7 +27,7 @@ coupling with λ and the meaning of "geometric", not the threat set.
 
 Name clash: "AMP" also names Adversarial Model Perturbation (Zheng et al., CVPR 2021), which is
 unrelated; mixup surveys call this paper "AOM". Cite it as Bunk et al. 2021. In mixlab the
-method is ``method="amp"``; ``amp=`` arguments of attacks mean bf16 autocast, not this method.
+method is ``method="amp"``; bf16 autocast is always called ``bf16``.
 
 Shapes: x (B, C, H, W) pixels in [0, 1]; y (B,) int64; soft labels (B, K); λ (B,).
 Logged per epoch (``epoch_end``, arrays of length num_train indexed by dataset index, NaN for
@@ -35,9 +36,10 @@ the attack; equals lam0 without ``lam_opt``), ``t_geo_minus_lam`` (t_geo − λ*
 
 Variants of the notebook's ablation: ``VARIANTS`` (base, lam_opt, geo_label, both, clean_mix).
 
->>> model, history = train(method="amp", lam_opt=True, geo_label=True, profile="smoke")
+>>> model, history = train(method="amp", method_hp={"lam_opt": True, "geo_label": True},
+...                        profile="smoke")
 >>> x_a_adv, x_b_adv, lam = amp_perturb(model, x, x[perm], y_soft, y_soft[perm], lam,
-...                                     eps=8/255, alpha=2/255, steps=10)
+...                                     eps=8/255, step_size=2/255, steps=10)
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 
 from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, random_init
 from .base import Method, register, soft_cross_entropy
+from .mixup import sample_lam
 
 
 def mix(x_a: torch.Tensor, x_b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -76,10 +79,10 @@ def geo_weight(x_mix: torch.Tensor, x_a: torch.Tensor, x_b: torch.Tensor,
 
 
 def amp_perturb(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor,
-                y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, *, eps, alpha,
+                y_a: torch.Tensor, y_b: torch.Tensor, lam: torch.Tensor, *, eps, step_size,
                 steps: int, norm: str = "Linf", random_start: bool = True,
                 lam_opt: bool = False, lam_step: float = 0.05, lam_min: float = 0.0,
-                lam_max: float = 1.0, amp: bool | None = None):
+                lam_max: float = 1.0, bf16: bool | None = None):
     """PGD through the mixup interpolation (the inner maximisation of AMP).
 
     Maximises the soft-label CE(f(λ·x̃_a + (1 − λ)·x̃_b), λ·y_a + (1 − λ)·y_b) over the
@@ -89,8 +92,8 @@ def amp_perturb(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor,
     Args:
         x_a, x_b: (B, C, H, W) clean endpoints in [0, 1]. y_a, y_b: (B, K) soft labels.
         lam: (B,) mixing weights of x_a (with ``lam_opt`` they are first clipped to the box).
-        eps, alpha: radius and step, pixel units (floats or (B,) tensors). norm: Linf | L2.
-        amp: bf16 autocast (None: on CUDA only); the losses are fp32.
+        eps, step_size: radius and step, pixel units (floats or (B,) tensors). norm: Linf | L2.
+        bf16: bf16 autocast (None: on CUDA only); the losses are fp32.
     Returns:
         (x_a_adv, x_b_adv, lam_star), detached; the final mixed point is
         ``mix(x_a_adv, x_b_adv, lam_star)``.
@@ -107,7 +110,7 @@ def amp_perturb(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor,
         delta_a, delta_b = random_init(x_a, eps, norm), random_init(x_b, eps, norm)
     else:
         delta_a, delta_b = torch.zeros_like(x_a), torch.zeros_like(x_b)
-    with eval_mode(model), autocast_for(x_a, amp), torch.enable_grad():
+    with eval_mode(model), autocast_for(x_a, bf16), torch.enable_grad():
         for _ in range(steps):
             delta_a.requires_grad_(True)
             delta_b.requires_grad_(True)
@@ -119,9 +122,9 @@ def amp_perturb(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor,
             loss = soft_ce_per_example(model(x_mix), mix(y_a, y_b, lam)).sum()
             grads = torch.autograd.grad(loss, variables)
             with torch.no_grad():
-                delta_a = project(ascent_step(delta_a.detach(), grads[0], alpha, norm),
+                delta_a = project(ascent_step(delta_a.detach(), grads[0], step_size, norm),
                                   x_a, eps, norm)
-                delta_b = project(ascent_step(delta_b.detach(), grads[1], alpha, norm),
+                delta_b = project(ascent_step(delta_b.detach(), grads[1], step_size, norm),
                                   x_b, eps, norm)
                 if lam_opt:
                     lam = (lam.detach() + lam_step * grads[2].sign()).clamp(lam_min, lam_max)
@@ -129,7 +132,7 @@ def amp_perturb(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor,
 
 
 def amp_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor,
-             lam: torch.Tensor, *, num_classes: int, eps, alpha, steps: int,
+             lam: torch.Tensor, *, num_classes: int, eps, step_size, steps: int,
              norm: str = "Linf", random_start: bool = True, lam_opt: bool = False,
              lam_step: float = 0.05, lam_min: float = 0.0, lam_max: float = 1.0,
              geo_label: bool = False, clean_weight: float = 0.0) -> dict[str, torch.Tensor]:
@@ -146,7 +149,7 @@ def amp_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, perm: tor
     y_soft = F.one_hot(y, num_classes).float()
     x_a, x_b, y_a, y_b = x, x[perm], y_soft, y_soft[perm]
     x_a_adv, x_b_adv, lam_star = amp_perturb(
-        model, x_a, x_b, y_a, y_b, lam, eps=eps, alpha=alpha, steps=steps, norm=norm,
+        model, x_a, x_b, y_a, y_b, lam, eps=eps, step_size=step_size, steps=steps, norm=norm,
         random_start=random_start, lam_opt=lam_opt, lam_step=lam_step, lam_min=lam_min,
         lam_max=lam_max)
     x_mix = mix(x_a_adv, x_b_adv, lam_star)
@@ -159,7 +162,7 @@ def amp_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, perm: tor
     return {"loss": loss, "lam_star": lam_star, "t": t, "x_mix": x_mix}
 
 
-#: the ablation of the AMP notebook: variant name -> flags passed to ``train(method="amp", ...)``
+#: the ablation of the AMP notebook: variant name -> ``train(method="amp", method_hp=...)``
 VARIANTS = {
     "base": {},
     "lam_opt": {"lam_opt": True},
@@ -173,13 +176,10 @@ VARIANTS = {
 class AMP(Method):
     """AMP (Bunk et al. 2021), reconstructed; variants are the flags below."""
     name = "amp"
+    # the endpoints' balls, the PGD step and steps are the engine's threat model (self.attack)
     defaults = {
-        "eps": 8 / 255,          # radius of each endpoint's ball, pixel units
-        "alpha": 2 / 255,        # PGD step size on δ, pixel units
-        "steps": 10,             # PGD iterations through the interpolation
-        "norm": "Linf",          # "Linf" or "L2"
         "random_start": True,    # start δ uniformly in the ball (else at 0)
-        "mix_alpha": 1.0,        # Beta(α, α) concentration of λ; 1 = uniform (mixup's default)
+        "alpha": 1.0,            # Beta(α, α) concentration of λ; 1 = uniform (mixup's default)
         "lam_opt": False,        # optimise λ per example as a PGD variable (signed steps)
         "lam_step": 0.05,        # η, signed step on λ per PGD iteration (unitless)
         "lam_min": 0.0,          # lower end of λ's box
@@ -188,16 +188,23 @@ class AMP(Method):
         "clean_weight": 0.0,     # weight w of the clean mixup loss, (1 − w)·AMP + w·mixup
     }
 
+    @classmethod
+    def check_hp(cls, hp, *, dataset, attack):
+        hp = super().check_hp(hp, dataset=dataset, attack=attack)
+        if not 0 <= hp["lam_min"] <= hp["lam_max"] <= 1:
+            raise ValueError(f"amp needs 0 <= lam_min <= lam_max <= 1, got lam_min="
+                             f"{hp['lam_min']}, lam_max={hp['lam_max']}")
+        if not 0 <= hp["clean_weight"] <= 1:
+            raise ValueError(f"amp.clean_weight={hp['clean_weight']} must lie in [0, 1]")
+        if not hp["alpha"] > 0:
+            raise ValueError(f"amp.alpha={hp['alpha']} must be > 0 (Beta(alpha, alpha) "
+                             f"concentration of λ; 1 is uniform)")
+        if not hp["lam_step"] > 0:
+            raise ValueError(f"amp.lam_step={hp['lam_step']} must be > 0")
+        return hp
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        hp = self.hp
-        if not 0 <= hp["lam_min"] <= hp["lam_max"] <= 1:
-            raise ValueError(f"need 0 <= lam_min <= lam_max <= 1, got [{hp['lam_min']}, "
-                             f"{hp['lam_max']}]")
-        if not 0 <= hp["clean_weight"] <= 1:
-            raise ValueError(f"clean_weight must be in [0, 1], got {hp['clean_weight']}")
-        if hp["mix_alpha"] <= 0:
-            raise ValueError(f"mix_alpha must be > 0 (Beta concentration), got {hp['mix_alpha']}")
         # per-example logs of the current epoch, created on the data's device at first use
         self._log: dict[str, torch.Tensor] = {}
 
@@ -208,13 +215,12 @@ class AMP(Method):
             self._log[key][idx] = v.detach().float()
 
     def loss(self, model, x, y, idx, *, epoch):
-        hp = self.hp
-        # λ ~ Beta(α, α), one per example; validate_args=False: the argument check would sync
-        a = torch.tensor(float(hp["mix_alpha"]), device=x.device)
-        lam = torch.distributions.Beta(a, a, validate_args=False).sample((x.shape[0],))
+        hp, a = self.hp, self.attack
+        lam = sample_lam(hp["alpha"], x.shape[0], x.device)  # λ ~ Beta(α, α), one per example
         perm = torch.randperm(x.shape[0], device=x.device)
-        out = amp_loss(model, x, y, perm, lam, num_classes=self.num_classes,
-                       **{k: v for k, v in hp.items() if k != "mix_alpha"})
+        out = amp_loss(model, x, y, perm, lam, num_classes=self.num_classes, eps=a.eps,
+                       step_size=a.step_size, steps=a.steps, norm=a.norm,
+                       **{k: v for k, v in hp.items() if k != "alpha"})
         self._record(idx, lam0=lam, lam_star=out["lam_star"],
                      t_geo_minus_lam=out["t"] - out["lam_star"])
         return out["loss"], None

@@ -7,6 +7,8 @@ file that subclasses ``Method`` and registers itself with ``@register``.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -14,26 +16,44 @@ import torch
 
 METHODS: dict[str, type["Method"]] = {}
 
-#: the Madry PGD-AT threat model and inner loop on CIFAR (papers.md, shared protocol)
-ATTACK_DEFAULTS = {
-    "eps": 8 / 255,     # radius of the threat model, pixel units
-    "alpha": 2 / 255,   # PGD step size, pixel units
-    "steps": 10,        # PGD iterations in training
-    "norm": "Linf",     # "Linf" or "L2"
-}
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """The engine's training threat model, handed to a method as one argument.
+
+    eps: radius, pixel units. step_size: PGD step, pixel units. steps: PGD iterations.
+    norm: "Linf" or "L2". The default is Madry et al.'s CIFAR PGD-10 (8/255, 2/255, Linf),
+    used when a method is built directly (tests, the benchmark); ``train`` always passes the
+    resolved settings (``mixlab.config``)."""
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    norm: str = "Linf"
+
+    def __post_init__(self):
+        if self.norm not in ("Linf", "L2"):
+            raise ValueError(f"attack norm={self.norm!r} is not one of ['Linf', 'L2']")
+        for name in ("eps", "step_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"attack {name}={value!r} must be a finite number > 0 "
+                                 f"(pixel units, e.g. 8/255)")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"attack steps={self.steps!r} must be a whole number >= 1")
+
 
 # The engine schedules of the official GAIRAT / FAT scripts (their `lr_schedule`), shared by
 # the methods (fat, gairat, gair_fat, ...) so the three compare on one budget.
 #: WRN (>= 110 epochs): lr ÷10 at 50%, ÷100 at 75%, ÷200 at 11/12 of training
-WRN_SCHEDULE = dict(schedule="piecewise", milestones=(0.5, 0.75, 11 / 12),
-                    lr_factors=(0.1, 0.01, 0.005), lr=0.1, batch_size=128, weight_decay=2e-4)
+WRN_SCHEDULE = dict(schedule="piecewise", milestones=[0.5, 0.75, 11 / 12],
+                    lr_factors=[0.1, 0.01, 0.005], lr=0.1, batch_size=128, weight_decay=2e-4)
 #: ResNet (< 110 epochs): lr ÷10 at 30%, ÷100 at 60% of training
-RESNET_SCHEDULE = dict(schedule="piecewise", milestones=(0.3, 0.6), lr_factors=(0.1, 0.01),
+RESNET_SCHEDULE = dict(schedule="piecewise", milestones=[0.3, 0.6], lr_factors=[0.1, 0.01],
                        lr=0.1, batch_size=128, weight_decay=2e-4)
 #: the CPU smoke profile's budget, a little above the engine's so a tiny CNN trained this way
 #: keeps PGD-20 accuracy above chance on real CIFAR-10 (~20 s per method)
 SMOKE_BUDGET = dict(train_subset=2048, epochs=3, lr=0.1)
-
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -43,28 +63,63 @@ def register(cls: type["Method"]) -> type["Method"]:
 
 
 class Method:
-    """Base class. Subclasses set ``name``, ``defaults`` (their hyperparameter table) and
-    implement ``loss``.
+    """Base class. Subclasses set ``name``, ``defaults`` (their hyperparameter table, whose
+    names never repeat an engine setting) and implement ``loss``.
 
     Attributes:
         hp: the resolved hyperparameters (``defaults`` updated by the caller's keywords).
+        attack: the engine's training threat model (:class:`AttackSpec`); methods that attack
+            read eps, step_size, steps and norm from here and nowhere else.
         num_train: size of the training set (length of per-example state tensors).
     """
     name: ClassVar[str] = "base"
     defaults: ClassVar[dict[str, Any]] = {}
     #: engine settings this method wants per profile, e.g. {"paper": {"epochs": 120}}
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}
-    #: history key used to pick the best checkpoint ("test_robust" or "test_clean")
-    best_metric: ClassVar[str] = "test_robust"
+    #: the method's own hyperparameters per profile, e.g. {"smoke": {"begin_epoch": 2}}
+    hp_profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: history key used to pick the best checkpoint on the validation split
+    best_metric: ClassVar[str] = "val_robust"
+    #: whether ``loss`` runs the training attack (documentation and the dry run)
+    uses_attack: ClassVar[bool] = True
 
-    def __init__(self, *, num_train: int, num_classes: int, epochs: int, **hp: Any):
-        unknown = set(hp) - set(self.defaults)
-        if unknown:
-            raise ValueError(
-                f"method {self.name!r} has no hyperparameter(s) {sorted(unknown)}; "
-                f"it takes {sorted(self.defaults)}")
-        self.hp = {**self.defaults, **hp}
+    def __init__(self, *, num_train: int, num_classes: int, epochs: int,
+                 attack: AttackSpec | None = None, **hp: Any):
+        self.hp = self.check_hp({**self.defaults, **hp}, dataset=None,
+                                attack=attack or AttackSpec())
+        self.attack = attack or AttackSpec()
         self.num_train, self.num_classes, self.epochs = num_train, num_classes, epochs
+
+    @classmethod
+    def check_hp(cls, hp: dict[str, Any], *, dataset: str | None,
+                 attack: AttackSpec) -> dict[str, Any]:
+        """Check (and complete) the hyperparameters; returns them. The base class checks names
+        and types against ``defaults`` (a bool stays a bool, a number a finite number, a string
+        a string); subclasses add ranges and fill ``None`` defaults that depend on the dataset
+        or threat model. Raises ValueError/TypeError naming the value and the fix."""
+        unknown = sorted(set(hp) - set(cls.defaults))
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no hyperparameter(s) {unknown}; "
+                             f"it takes {sorted(cls.defaults)}")
+        for key, default in cls.defaults.items():
+            value = hp[key]
+            where = f"{cls.name}.{key}={value!r}"
+            if default is None or value is None:
+                continue
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{where} must be true or false")
+            elif isinstance(default, (int, float)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError(f"{where} must be a number (default {default!r})")
+                if not math.isfinite(value):
+                    raise ValueError(f"{where} must be finite")
+                if isinstance(default, int) and not float(value).is_integer():
+                    raise TypeError(f"{where} must be a whole number (default {default!r})")
+            elif isinstance(default, str):
+                if not isinstance(value, str):
+                    raise TypeError(f"{where} must be a string (default {default!r})")
+        return dict(hp)
 
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              idx: torch.Tensor, *, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:

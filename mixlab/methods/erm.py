@@ -11,7 +11,8 @@ class ERM(Method):
     """Standard training: mean CE of the clean batch. No hyperparameters of its own."""
     name = "erm"
     defaults = {}
-    best_metric = "test_clean"
+    best_metric = "val_clean"
+    uses_attack = False
 
     def loss(self, model, x, y, idx, *, epoch):
         logits = model(x)

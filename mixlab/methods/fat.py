@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import early_stopped_pgd, tau_at
-from .base import ATTACK_DEFAULTS, RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, Method, register
+from .base import RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, Method, register
 
 FAT_DEFAULTS = {
-    **ATTACK_DEFAULTS,                  # eps 8/255, alpha 2/255 (official 0.007), K = 10, Linf
     "tau": (0, 1, 2),                   # τ, misclassified iterates allowed before stopping:
                                         # an int, or one per stage (official dynamic τ)
     "tau_milestones": (50 / 120, 90 / 120),  # fractions of training where τ steps up
@@ -35,7 +34,7 @@ class FAT(Method):
     profiles = {
         "smoke": dict(SMOKE_BUDGET),
         "short": dict(model="preactresnet18", epochs=30, **RESNET_SCHEDULE),
-        "paper": dict(model="wrn-32-10", epochs=120, alpha=0.007, **WRN_SCHEDULE),
+        "paper": dict(model="wrn-32-10", epochs=120, step_size=0.007, **WRN_SCHEDULE),
     }
 
     def __init__(self, **kw):
@@ -43,10 +42,9 @@ class FAT(Method):
         tau_at(0, self.epochs, self.hp["tau"], self.hp["tau_milestones"])  # fail early
 
     def loss(self, model, x, y, idx, *, epoch):
-        hp = self.hp
+        hp, a = self.hp, self.attack
         tau = tau_at(epoch, self.epochs, hp["tau"], hp["tau_milestones"])
-        x_adv = early_stopped_pgd(model, x, y, eps=hp["eps"], alpha=hp["alpha"],
-                                  steps=hp["steps"], tau=tau, omega=hp["omega"],
-                                  norm=hp["norm"])
+        x_adv = early_stopped_pgd(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps,
+                                  tau=tau, omega=hp["omega"], norm=a.norm)
         logits = model(x_adv)
         return F.cross_entropy(logits.float(), y), logits

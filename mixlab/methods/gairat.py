@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import early_stopped_pgd, pgd, tau_at
-from .base import ATTACK_DEFAULTS, RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, Method, register
+from .base import RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, Method, register
 
 WEIGHT_FNS = ("tanh", "sigmoid", "discrete")
 LAM_SCHEDULES = ("fixed", "linear", "piecewise")
@@ -105,11 +105,11 @@ def lam_at(epoch: int, *, epochs: int, lam: float, begin_epoch: int,
 
 
 GAIR_DEFAULTS = {
-    "lam": -1.0,              # λ of the weight function after burn-in (GAIRAT: −1)
-    "lam_schedule": "fixed",  # fixed | linear | piecewise (see lam_at)
-    "lam_max": None,          # linear schedule only: the (finite) λ it starts from
-    "weight_fn": "tanh",      # tanh | sigmoid | discrete
-    "begin_epoch": 60,        # 1-based epoch where reweighting starts; before: plain AT
+    "gair_lambda": -1.0,              # λ of the weight function after burn-in (GAIRAT: −1)
+    "gair_lambda_schedule": "fixed",  # fixed | linear | piecewise (see lam_at)
+    "gair_lambda_max": None,          # linear schedule only: the (finite) λ it starts from
+    "weight_fn": "tanh",              # tanh | sigmoid | discrete
+    "begin_epoch": 60,                # 1-based epoch where reweighting starts; before: plain AT
 }
 
 
@@ -121,28 +121,38 @@ class GAIRAT(Method):
     ``kappa`` (int8, κ of the last time each was seen), ``weight`` (float16, its weight) and
     ``lam`` (λ of the epoch, +inf during burn-in)."""
     name = "gairat"
-    defaults = {
-        "eps": 8 / 255,       # radius of the threat model, pixel units
-        "alpha": 2 / 255,     # PGD step size, pixel units (official: 0.007)
-        "steps": 10,          # K: PGD steps, also the range of κ ∈ {0..K}
-        "norm": "Linf",       # "Linf" or "L2"
-        **GAIR_DEFAULTS,
-    }
+    # the threat model is the engine's (self.attack): PGD-K with K = attack.steps, which is
+    # also the range of κ ∈ {0..K}; official step 0.007 in the paper profile
+    defaults = dict(GAIR_DEFAULTS)
     profiles = {
-        # CPU, ~20 s: enough for robust accuracy above chance; reweighting from epoch 2 of 3
-        "smoke": dict(begin_epoch=2, **SMOKE_BUDGET),
-        # ResNet schedule; reweighting from the first lr drop (30%), as begin_epoch 30 of 100
-        "short": dict(model="preactresnet18", epochs=30, begin_epoch=10, **RESNET_SCHEDULE),
-        "paper": dict(model="wrn-32-10", epochs=120, begin_epoch=60, alpha=0.007,
-                      **WRN_SCHEDULE),
+        # CPU, ~20 s: enough for robust accuracy above chance
+        "smoke": dict(SMOKE_BUDGET),
+        "short": dict(model="preactresnet18", epochs=30, **RESNET_SCHEDULE),
+        "paper": dict(model="wrn-32-10", epochs=120, step_size=0.007, **WRN_SCHEDULE),
     }
+    hp_profiles = {
+        "smoke": dict(begin_epoch=2),    # reweighting from epoch 2 of 3
+        "short": dict(begin_epoch=10),   # from the first lr drop (30%), as 30 of 100 epochs
+        "paper": dict(begin_epoch=60),
+    }
+
+    @classmethod
+    def check_hp(cls, hp, *, dataset, attack):
+        hp = super().check_hp(hp, dataset=dataset, attack=attack)
+        if hp["weight_fn"].lower() not in WEIGHT_FNS:
+            raise ValueError(f"{cls.name}.weight_fn={hp['weight_fn']!r} is not one of "
+                             f"{list(WEIGHT_FNS)}")
+        if hp["gair_lambda_schedule"] not in LAM_SCHEDULES:
+            raise ValueError(f"{cls.name}.gair_lambda_schedule={hp['gair_lambda_schedule']!r} "
+                             f"is not one of {list(LAM_SCHEDULES)}")
+        if isinstance(hp["begin_epoch"], bool) or not isinstance(hp["begin_epoch"], int) \
+                or hp["begin_epoch"] < 1:
+            raise ValueError(f"{cls.name}.begin_epoch={hp['begin_epoch']!r} must be a whole "
+                             f"number >= 1 (1-based epoch where reweighting starts)")
+        return hp
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        hp = self.hp
-        if hp["weight_fn"].lower() not in WEIGHT_FNS:
-            raise ValueError(f"unknown weight_fn {hp['weight_fn']!r}; choose one of "
-                             f"{WEIGHT_FNS}")
         self.lam_for(self.epochs - 1)  # a bad schedule fails now, not after the burn-in
         # per-example logs of the current epoch, created on the data's device at first use
         self._kappa = self._weight = self._seen = None
@@ -151,19 +161,20 @@ class GAIRAT(Method):
     def lam_for(self, epoch: int) -> float:
         """λ used in the 0-based ``epoch``."""
         hp = self.hp
-        return lam_at(epoch, epochs=self.epochs, lam=hp["lam"], begin_epoch=hp["begin_epoch"],
-                      schedule=hp["lam_schedule"], lam_max=hp["lam_max"])
+        return lam_at(epoch, epochs=self.epochs, lam=hp["gair_lambda"],
+                      begin_epoch=hp["begin_epoch"], schedule=hp["gair_lambda_schedule"],
+                      lam_max=hp["gair_lambda_max"])
 
-    def attack(self, model, x, y, *, epoch):
+    def adversarial_points(self, model, x, y, *, epoch):
         """(x_adv, κ): GA-PGD, Madry's PGD counting the correctly classified iterates."""
-        hp = self.hp
-        return pgd(model, x, y, eps=hp["eps"], alpha=hp["alpha"], steps=hp["steps"],
-                   norm=hp["norm"], return_kappa=True)
+        a = self.attack
+        return pgd(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm,
+                   return_kappa=True)
 
     def loss(self, model, x, y, idx, *, epoch):
-        x_adv, kappa = self.attack(model, x, y, epoch=epoch)
+        x_adv, kappa = self.adversarial_points(model, x, y, epoch=epoch)
         lam = self.lam_for(epoch)
-        weight = gair_weights(kappa, self.hp["steps"], lam, self.hp["weight_fn"])
+        weight = gair_weights(kappa, self.attack.steps, lam, self.hp["weight_fn"])
         self._log(idx, kappa, weight, lam)
         logits = model(x_adv)
         ce = F.cross_entropy(logits.float(), y, reduction="none")
@@ -173,7 +184,7 @@ class GAIRAT(Method):
         if self._kappa is None:
             n, dev = self.num_train, kappa.device
             # κ <= K fits int8 for K <= 127; wider only for unusual step counts
-            kdtype = torch.int8 if self.hp["steps"] <= 127 else torch.int16
+            kdtype = torch.int8 if self.attack.steps <= 127 else torch.int16
             self._kappa = torch.zeros(n, dtype=kdtype, device=dev)
             self._weight = torch.zeros(n, dtype=torch.float16, device=dev)
             self._seen = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -188,7 +199,7 @@ class GAIRAT(Method):
         seen = self._seen.nonzero().squeeze(1)  # the one host sync of the epoch
         arrays = dict(idx=seen.cpu().numpy(), kappa=self._kappa[seen].cpu().numpy(),
                       weight=self._weight[seen].cpu().numpy(),
-                      lam=np.float32(self._lam_logged), steps=np.int16(self.hp["steps"]))
+                      lam=np.float32(self._lam_logged), steps=np.int16(self.attack.steps))
         self._seen.zero_()
         return arrays
 
@@ -203,21 +214,19 @@ class GAIRFAT(GAIRAT):
     original order; here every point keeps its own label."""
     name = "gair_fat"
     defaults = {
-        **ATTACK_DEFAULTS,
         "tau": (0, 3, 6),                         # τ per stage (GAIR_FAT.py's dynamic τ)
         "tau_milestones": (40 / 120, 70 / 120),   # fractions of training where τ steps up
         "omega": 0.0,                             # std of the noise added to each PGD step
         **GAIR_DEFAULTS,
-        "lam": 0.0,                               # λ after burn-in (GAIR-FAT: 0)
+        "gair_lambda": 0.0,                       # λ after burn-in (GAIR-FAT: 0)
     }
 
     def __init__(self, **kw):
         super().__init__(**kw)
         tau_at(0, self.epochs, self.hp["tau"], self.hp["tau_milestones"])  # fail early
 
-    def attack(self, model, x, y, *, epoch):
-        hp = self.hp
+    def adversarial_points(self, model, x, y, *, epoch):
+        hp, a = self.hp, self.attack
         tau = tau_at(epoch, self.epochs, hp["tau"], hp["tau_milestones"])
-        return early_stopped_pgd(model, x, y, eps=hp["eps"], alpha=hp["alpha"],
-                                 steps=hp["steps"], tau=tau, omega=hp["omega"],
-                                 norm=hp["norm"], return_kappa=True)
+        return early_stopped_pgd(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps,
+                                 tau=tau, omega=hp["omega"], norm=a.norm, return_kappa=True)

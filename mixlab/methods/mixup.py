@@ -5,6 +5,13 @@ Trains on convex combinations of pairs of examples and of their labels:
 x̃ = λ·x_a + (1 − λ)·x_b, ỹ = λ·y_a + (1 − λ)·y_b, λ ~ Beta(α, α), partners by a batch
 permutation. As in the official code the loss is λ·CE(f(x̃), y_a) + (1 − λ)·CE(f(x̃), y_b),
 which equals the soft-label CE. One λ per batch (official code) or per example (``per_example``).
+α = 1 (uniform λ) is the default, as in Zhang et al.'s CIFAR-10 experiments and in Zhang et al.
+2021 ("How does mixup help robustness and generalization?", arXiv 2010.04819).
+
+Logged per epoch (``epoch_end``): ``lam``, every λ drawn that epoch, so a finished run shows
+which distribution it trained with (``mixlab.checks.mixup_lambda``).
+
+>>> model, history = train(method="mixup", method_hp={"alpha": 0.2}, profile="smoke")
 """
 from __future__ import annotations
 
@@ -15,9 +22,10 @@ from .base import Method, register
 
 
 def sample_lam(alpha: float, n: int, device: torch.device) -> torch.Tensor:
-    """n draws from Beta(alpha, alpha) on ``device`` (alpha <= 0 gives λ = 1: no mixing)."""
-    if alpha <= 0:
-        return torch.ones(n, device=device)
+    """n draws from Beta(alpha, alpha) on ``device``; alpha > 0 (the Beta concentration)."""
+    if not alpha > 0:
+        raise ValueError(f"mixup alpha={alpha!r} must be > 0 (Beta(alpha, alpha)); "
+                         f"for no mixing train with method='erm'")
     a = torch.tensor(float(alpha), device=device)
     # validate_args=False: argument validation calls .all(), a host sync on CUDA
     return torch.distributions.Beta(a, a, validate_args=False).sample((n,))
@@ -46,11 +54,33 @@ class Mixup(Method):
         "alpha": 1.0,            # Beta(α, α) concentration; α = 1 is uniform λ (Zhang et al.)
         "per_example": False,    # one λ per example instead of one per batch
     }
-    best_metric = "test_clean"
+    best_metric = "val_clean"
+    uses_attack = False
+
+    @classmethod
+    def check_hp(cls, hp, *, dataset, attack):
+        hp = super().check_hp(hp, dataset=dataset, attack=attack)
+        if not hp["alpha"] > 0:
+            raise ValueError(f"mixup.alpha={hp['alpha']!r} must be > 0 (Beta(alpha, alpha) "
+                             f"concentration; 1 is uniform λ); for no mixing use method='erm'")
+        return hp
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._lams: list[torch.Tensor] = []  # λ drawn this epoch (device tensors, no sync)
 
     def loss(self, model, x, y, idx, *, epoch):
         n = x.shape[0] if self.hp["per_example"] else 1
-        lam = sample_lam(self.hp["alpha"], n, x.device).expand(x.shape[0])
+        lam_drawn = sample_lam(self.hp["alpha"], n, x.device)
+        self._lams.append(lam_drawn.detach())
+        lam = lam_drawn.expand(x.shape[0])
         perm = torch.randperm(x.shape[0], device=x.device)
         x_mix, y_a, y_b = mixup_data(x, y, lam, perm)
         return mixup_criterion(model(x_mix), y_a, y_b, lam), None
+
+    def epoch_end(self, epoch):
+        if not self._lams:
+            return {}
+        lam = torch.cat(self._lams).float().cpu().numpy()  # one host copy per epoch
+        self._lams = []
+        return {"lam": lam}

@@ -17,7 +17,10 @@ dataset index (starting at ``mineps``): PGD at radius ε_i, step 2.5·ε_i/steps
 [0, 1]) along u in [0, max_eps] for the smallest ε at which SLM ≥ 0; max_eps = 1.05·d_max;
 ε* becomes the new ε_i (0 for clean-misclassified examples, as in the official trainer).
 
-Distance measure: Linf or L2 (``norm``), pixel units (d_max 32/255 Linf, 2.0 L2 on CIFAR-10).
+Distance measure: the engine's threat model (``attack.norm``, Linf or L2), pixel units
+(d_max 32/255 Linf, 2.0 L2 on CIFAR-10; 0.45 Linf, 4.0 L2 on MNIST). AN-PGD runs
+``attack.steps`` PGD iterations (the official ``nb_iter``: 10 on CIFAR-10, 40 on MNIST); the
+radius is per example, so ``attack.eps`` and ``attack.step_size`` only set the evaluation.
 Shapes: x (B, C, H, W) in [0, 1], y and idx (B,); the stored ε is (num_train,) on the device.
 
 Choices where the official code leaves room (the papers.md spec decides the first two):
@@ -36,7 +39,7 @@ MMA takes about 1.6x the time of PGD-AT per example on any device. The measured 
 makes the clean pass a probe, 35 at the paper's settings.
 
 >>> model, history = train(**PRESETS["cifar10-linf"]["short"], run_dir="runs/mma")
->>> model, history = train(method="mma", norm="L2", d_max=2.0, profile="smoke")
+>>> model, history = train(method="mma", norm="L2", method_hp={"d_max": 2.0}, profile="smoke")
 """
 from __future__ import annotations
 
@@ -47,9 +50,17 @@ import torch.nn.functional as F
 from ..attacks import attack_loss, boundary_bisection, eval_mode, pgd, slm_margin
 from .base import Method, register
 
-#: the paper's CIFAR-10 hinge and starting radius per norm (used when d_max / mineps are None)
+#: the paper's CIFAR-10 hinge and starting radius per norm
 CIFAR10_THREAT = {"Linf": dict(d_max=32 / 255, mineps=0.005),
                   "L2": dict(d_max=2.0, mineps=0.5)}
+#: the paper's hinge d_max and starting radius mineps per (dataset, norm), used when d_max /
+#: mineps are None (CIFAR-10 MMA-32 / MMA-2.0; MNIST MMA-0.45 Linf, MMA-4.0 L2)
+THREATS = {
+    ("cifar10", "Linf"): CIFAR10_THREAT["Linf"],
+    ("cifar10", "L2"): CIFAR10_THREAT["L2"],
+    ("mnist", "Linf"): dict(d_max=0.45, mineps=0.1),
+    ("mnist", "L2"): dict(d_max=4.0, mineps=0.5),
+}
 
 
 def anpgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *,
@@ -68,7 +79,7 @@ def anpgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.T
         (x_adv, eps_star): x_adv = clamp(x + eps_star·u, 0, 1), (B, C, H, W), detached;
         eps_star (B,): the smallest misclassifying radius found along u, or max_eps if none.
     """
-    x_pgd = pgd(model, x, y, eps=eps, alpha=step_scale * eps / steps, steps=steps, norm=norm,
+    x_pgd = pgd(model, x, y, eps=eps, step_size=step_scale * eps / steps, steps=steps, norm=norm,
                 loss="slm")
     # u has norm <= 1 (== 1 unless the box clipped it): t·u is a perturbation of size <= t
     direction = (x_pgd - x) / eps.clamp_min(1e-12).reshape(-1, *([1] * (x.dim() - 1)))
@@ -104,12 +115,10 @@ class MMA(Method):
     """Max-Margin Adversarial training (MMA-d_max; OMMA with clean_coeff=0)."""
     name = "mma"
     defaults = {
-        "norm": "Linf",          # threat model of AN-PGD: "Linf" or "L2"
         "d_max": None,           # hinge: margins beyond it earn no loss, pixel units;
-                                 # None: the paper's CIFAR-10 value (32/255 Linf, 2.0 L2)
+                                 # None: the paper's value for the dataset and norm (THREATS)
         "mineps": None,          # starting (and smallest) PGD radius of AN-PGD, pixel units;
-                                 # None: CIFAR-10's (0.005 Linf, 0.5 L2)
-        "steps": 10,             # PGD iterations of AN-PGD (nb_iter; 40 on MNIST)
+                                 # None: the paper's value (THREATS)
         "step_scale": 2.5,       # PGD step = step_scale·eps_i/steps (eps_iter_scale)
         "search_steps": 10,      # bisection steps along the PGD direction
         "max_eps_factor": 1.05,  # the search runs up to max_eps = max_eps_factor·d_max
@@ -117,29 +126,53 @@ class MMA(Method):
     }
     # the best checkpoint is the one with the largest mean margin on the evaluation split
     # (the validation split when val_size > 0), as the official train.py picks it
-    best_metric = "mean_margin"
+    best_metric = "val_mean_margin"
     profiles = {  # CIFAR-10; MNIST and L2 runs: see PRESETS
         "smoke": dict(val_size=256),
-        "short": dict(val_size=5000, test_subset=1000),
+        "short": dict(val_size=5000, eval_subset=1000),
         # 50k steps of batch 128 on 45k images = 143 epochs; lr 0.3 → 0.09 (20k steps)
         # → 0.03 (30k) → 0.009 (40k)
         "paper": dict(model="wrn-28-4", epochs=143, batch_size=128, optimizer="sgd", lr=0.3,
                       momentum=0.9, weight_decay=2e-4, schedule="piecewise",
                       milestones=(0.4, 0.6, 0.8), lr_factors=(0.3, 0.1, 0.03),
-                      val_size=5000, test_subset=None),
+                      val_size=5000),
     }
+
+    @classmethod
+    def check_hp(cls, hp, *, dataset, attack):
+        """Fill d_max / mineps from THREATS for (dataset, attack.norm); check the ranges."""
+        hp = super().check_hp(hp, dataset=dataset, attack=attack)
+        for key in ("d_max", "mineps"):
+            if hp[key] is None:
+                # a method built directly (no dataset) gets CIFAR-10's values
+                threat = THREATS.get((dataset or "cifar10", attack.norm))
+                if threat is None:
+                    raise ValueError(
+                        f"mma.{key} has no default for dataset {dataset!r} with norm "
+                        f"{attack.norm!r} (the paper gives CIFAR-10 and MNIST); set it, e.g. "
+                        f"--set mma.{key}=VALUE (pixel units)")
+                hp[key] = threat[key]
+            if isinstance(hp[key], bool) or not isinstance(hp[key], (int, float)) \
+                    or not 0 < hp[key] < float("inf"):
+                raise ValueError(f"mma.{key}={hp[key]!r} must be a finite number > 0, pixel units")
+        for key in ("search_steps",):
+            if not isinstance(hp[key], int) or hp[key] < 1:
+                raise ValueError(f"mma.{key}={hp[key]!r} must be a whole number >= 1")
+        if not 0 <= hp["clean_coeff"] <= 1:
+            raise ValueError(f"mma.clean_coeff={hp['clean_coeff']!r} must lie in [0, 1]")
+        if not hp["step_scale"] > 0 or not hp["max_eps_factor"] >= 1:
+            raise ValueError(f"mma.step_scale={hp['step_scale']!r} must be > 0 and "
+                             f"mma.max_eps_factor={hp['max_eps_factor']!r} >= 1")
+        max_eps = hp["max_eps_factor"] * hp["d_max"]
+        if not hp["mineps"] <= max_eps:
+            raise ValueError(f"mma.mineps={hp['mineps']} must lie in (0, max_eps={max_eps:.4g}] "
+                             f"(max_eps = max_eps_factor * d_max)")
+        return hp
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         hp = self.hp
-        if hp["norm"] not in CIFAR10_THREAT:
-            raise ValueError(f"norm must be 'Linf' or 'L2', got {hp['norm']!r}")
-        for key in ("d_max", "mineps"):
-            if hp[key] is None:
-                hp[key] = CIFAR10_THREAT[hp["norm"]][key]
         self.max_eps = hp["max_eps_factor"] * hp["d_max"]
-        if not 0 < hp["mineps"] <= self.max_eps:
-            raise ValueError(f"mineps={hp['mineps']} must lie in (0, max_eps={self.max_eps:.4g}]")
         # ε_i of every training example (index = dataset index); moved to the data's device
         # on first use, saved in checkpoints through state_dict
         self.eps = torch.full((self.num_train,), float(hp["mineps"]))
@@ -154,8 +187,9 @@ class MMA(Method):
             logits_clean = model(x)
         correct = slm_margin(logits_clean.detach().float(), y) < 0
         eps_prev = self.eps[idx].clamp(hp["mineps"], self.max_eps)
-        x_adv, eps_star = anpgd(model, x, y, eps_prev, norm=hp["norm"], max_eps=self.max_eps,
-                                steps=hp["steps"], search_steps=hp["search_steps"],
+        x_adv, eps_star = anpgd(model, x, y, eps_prev, norm=self.attack.norm,
+                                max_eps=self.max_eps, steps=self.attack.steps,
+                                search_steps=hp["search_steps"],
                                 step_scale=hp["step_scale"])
         # every example runs AN-PGD (no boolean indexing: that would sync with the host);
         # the ones not confidently correct then train on their clean point
@@ -181,11 +215,12 @@ class MMA(Method):
             with eval_mode(model), torch.no_grad():
                 correct = model(xb).float().argmax(1) == yb
             _, eps = anpgd(model, xb, yb, torch.full_like(yb, self.max_eps, dtype=torch.float32),
-                           norm=hp["norm"], max_eps=self.max_eps, steps=hp["steps"],
+                           norm=self.attack.norm, max_eps=self.max_eps,
+                           steps=self.attack.steps,
                            search_steps=hp["search_steps"], step_scale=hp["step_scale"],
                            margin="cw")
             total += (eps * correct).sum()
-        return {"mean_margin": total.item() / max(1, len(x))}
+        return {"mean_margin": total.item() / max(1, len(x))}  # stored as val_mean_margin
 
     def state_dict(self):
         return {"eps": self.eps}
@@ -201,35 +236,26 @@ class MMA(Method):
 
 
 # --------------------------------------------------------------------------- presets
-# Settings per dataset and profile, on top of the engine's profile. "paper" is the official
-# config.py / train.py: CIFAR-10 above (MMA.profiles); MNIST LeNet5-Madry, Adam 1e-4, batch 50,
-# 100k steps (91 epochs of 55k images), nb_iter 40. smoke: CPU, seconds; short: GPU, minutes.
+# Engine settings per dataset and profile, on top of the engine's profile. "paper" is the
+# official config.py / train.py: CIFAR-10 above (MMA.profiles); MNIST LeNet5-Madry, Adam 1e-4,
+# batch 50, 100k steps (91 epochs of 55k images), nb_iter 40 (the AN-PGD steps are the engine's
+# ``steps``). d_max and mineps follow from THREATS. smoke: CPU, seconds; short: GPU, minutes.
 _DATASET_PROFILES = {
     "cifar10": MMA.profiles,
     "mnist": {
         "smoke": dict(model="smallcnn", optimizer="adam", lr=1e-3, weight_decay=0.0,
                       schedule="constant", val_size=256, steps=5),
         "short": dict(model="lenet5-madry", epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
-                      weight_decay=0.0, schedule="constant", val_size=5000, test_subset=1000,
+                      weight_decay=0.0, schedule="constant", val_size=5000, eval_subset=1000,
                       steps=20),
         "paper": dict(model="lenet5-madry", epochs=91, batch_size=50, optimizer="adam", lr=1e-4,
-                      weight_decay=0.0, schedule="constant", val_size=5000, test_subset=None,
-                      steps=40),
+                      weight_decay=0.0, schedule="constant", val_size=5000, steps=40),
     },
-}
-# The paper's hinge d_max and starting radius mineps (CIFAR-10 MMA-32 / MMA-2.0; MNIST MMA-0.45
-# Linf, MMA-4.0 L2)
-_THREATS = {
-    ("cifar10", "Linf"): CIFAR10_THREAT["Linf"],
-    ("cifar10", "L2"): CIFAR10_THREAT["L2"],
-    ("mnist", "Linf"): dict(d_max=0.45, mineps=0.1),
-    ("mnist", "L2"): dict(d_max=4.0, mineps=0.5),
 }
 #: keyword arguments for ``train``: PRESETS["<dataset>-<norm>"][profile]
 PRESETS = {
     f"{dataset}-{norm.lower()}": {
-        profile: dict(method="mma", dataset=dataset, norm=norm, profile=profile,
-                      **settings, **_THREATS[dataset, norm])
+        profile: dict(method="mma", dataset=dataset, norm=norm, profile=profile, **settings)
         for profile, settings in _DATASET_PROFILES[dataset].items()}
-    for dataset, norm in _THREATS
+    for dataset, norm in THREATS
 }

@@ -9,17 +9,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..attacks import pgd
-from .base import ATTACK_DEFAULTS, Method, register
+from .base import Method, register
 
 
 @register
 class PGDAT(Method):
     name = "pgd_at"
-    defaults = dict(ATTACK_DEFAULTS)
+    defaults: dict = {}   # the threat model is the engine's (self.attack)
 
     def loss(self, model, x, y, idx, *, epoch):
-        hp = self.hp
-        x_adv = pgd(model, x, y, eps=hp["eps"], alpha=hp["alpha"], steps=hp["steps"],
-                    norm=hp["norm"])
+        a = self.attack
+        x_adv = pgd(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm)
         logits = model(x_adv)
         return F.cross_entropy(logits.float(), y), logits
