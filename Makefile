@@ -68,7 +68,7 @@ notebooks: setup data
 bench: setup
 	$(PY) -m mixlab.bench $(if $(filter smoke,$(PROFILE)),--quick,)
 
-# what a session lent a GPU carries to the device machine (ignored .carry/; DEVELOPERS.md)
+# what a GPU run carries to the remote GPU machine (ignored .carry/; DEVELOPERS.md)
 device-pack:
 	python3 tools/device_kit.py pack --shared-data $(SHARED_DATA)
 	python3 tools/device_kit.py plan

@@ -25,7 +25,7 @@ Rows:
 
 Then ratios from the same run (method / ceiling, pgd_at / reference, method / pgd_at), evaluation
 throughput (PGD-20 and AutoAttack through ``mixlab.evaluate.evaluate``), peak GPU memory per row,
-and the issue-8 targets with met / not met. The JSON goes to ``results/bench-<device>-<date>.json``
+and the speed targets with met / not met. The JSON goes to ``results/bench-<device>-<date>.json``
 with the settings, versions, device and git commit.
 
 On a CPU the absolute speeds are not claims (speed figures come from a GPU run only), but the
@@ -34,7 +34,7 @@ ratios are meaningful; the output says "CPU" wherever it could be mistaken for a
 >>> python -m mixlab.bench                                    # GPU: PreActResNet-18, every method
 >>> python -m mixlab.bench --arch wrn-32-10 --compile
 >>> python -m mixlab.bench --quick                            # CPU, tiny sizes, < 60 s
->>> python -m mixlab.bench --methods pgd_at,gairat --profile gairat   # top ops of gairat's steps
+>>> python -m mixlab.bench --methods pgd_at,gairat --profiler-rows gairat   # top ops of gairat's steps
 """
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ from . import data as data_mod
 from .evaluate import evaluate, predict
 from .methods import METHODS, get_method
 from .models import build_model
+from .config import attack_spec
 from .train import TRAIN_DEFAULTS, load_run, pick_device, provenance, resolve_config
 
 ARCHS = ("preactresnet18", "wrn-28-4", "wrn-32-10")
-#: batch per arch on a GPU: large enough to fill an H100 (the batches of the issue's targets)
+#: batch per arch on a GPU: large enough to fill an H100 (the batches of the speed targets)
 GPU_BATCH = {"preactresnet18": 512, "wrn-28-4": 512, "wrn-32-10": 256}
 #: rows that are not methods; every registered method is a row too
 SPECIAL_ROWS = ("ceiling", "reference", "data_path")
@@ -102,8 +103,8 @@ BENCH_DEFAULTS: dict[str, Any] = dict(
     aa_n=None,              # test images for AutoAttack standard; 0 skips; None: 1000 GPU, 8 CPU
     eval_batch_size=None,   # batch of the evaluation attacks; None: 500 GPU, 64 CPU
     checkpoint=None,        # a trained run (dir or .pt) to evaluate; None: the untrained model
-    profile=(),             # rows whose steps run under torch.profiler (top ops printed)
-    profile_steps=3,        # steps under the profiler, after the timed windows
+    profiler_rows=(),       # rows whose steps run under torch.profiler (top ops printed)
+    profiler_steps=3,       # steps under the profiler, after the timed windows
     device="auto",          # auto | cpu | cuda | cuda:N
     seed=0,                 # seeds data, models and attacks
     quick=False,            # tiny sizes (QUICK): runs on a CPU in well under a minute
@@ -116,7 +117,7 @@ QUICK: dict[str, Any] = dict(arch="tiny", train_n=512, batch_size=32, ref_batch_
                              steps=2, repeats=2, eval_n=64, aa_n=0, eval_batch_size=64,
                              ref_workers=0)
 
-#: issue 8's targets (H100, CIFAR-10, PGD-10 inner loop, bf16)
+#: the speed targets (H100, CIFAR-10, PGD-10 inner loop, bf16)
 TARGETS = dict(
     pgd_at_img_per_s={"preactresnet18": 7_500, "wrn-32-10": 1_000},  # absolute, GPU only
     pgd_at_vs_reference=8.0,       # pgd_at at least 8x the reference
@@ -179,8 +180,8 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {cfg['clock']!r}")
     if cfg["dataset"] not in ("auto", "cifar10", "synthetic"):
         raise ValueError(f"dataset must be auto, cifar10 or synthetic, got {cfg['dataset']!r}")
-    cfg["profile"] = list(cfg["profile"])
-    for row in cfg["profile"]:
+    cfg["profiler_rows"] = list(cfg["profiler_rows"])
+    for row in cfg["profiler_rows"]:
         if row not in ("ceiling", "reference") and row not in METHODS:
             raise ValueError(f"cannot profile {row!r}: choose ceiling, reference or a method "
                              f"({sorted(METHODS)}); data_path runs pgd_at")
@@ -530,10 +531,10 @@ class _Bench:
         last = rec.pop("last")
         rec["final_loss"] = float(last.float()) if last is not None else None
         rec["finite"] = rec["final_loss"] is None or bool(np.isfinite(rec["final_loss"]))
-        if name in self.cfg["profile"]:
-            table, ops = profile_steps(step, batches, steps=self.cfg["profile_steps"],
+        if name in self.cfg["profiler_rows"]:
+            table, ops = profile_steps(step, batches, steps=self.cfg["profiler_steps"],
                                        device=self.device)
-            print(f"\n== torch.profiler: {name}, {self.cfg['profile_steps']} steps ==\n{table}")
+            print(f"\n== torch.profiler: {name}, {self.cfg['profiler_steps']} steps ==\n{table}")
             rec["profile_top_ops"] = ops
         return rec
 
@@ -569,12 +570,13 @@ class _Bench:
 
     def _method(self, name: str):
         """The method as the engine builds it: hyperparameters from ``resolve_config`` (the
-        method's defaults, the dataset's threat model, ``steps`` = the bench's PGD steps)."""
+        method's defaults; the threat model, with ``steps`` = the bench's PGD steps, as an AttackSpec)."""
         cls = get_method(name)
-        hp = resolve_config(method=name, dataset=self.train_ds.name, epochs=self.cfg["epochs"],
-                            steps=self.cfg["pgd_steps"])["method_hp"]
+        cfg = resolve_config(method=name, dataset=self.train_ds.name, epochs=self.cfg["epochs"],
+                             steps=self.cfg["pgd_steps"])
+        hp = cfg["method_hp"]
         method = cls(num_train=len(self.train_ds), num_classes=self.train_ds.num_classes,
-                     epochs=self.cfg["epochs"], **hp)
+                     epochs=self.cfg["epochs"], attack=attack_spec(cfg), **hp)
         return method, hp
 
     def row_method(self, name: str) -> dict[str, Any]:
@@ -934,8 +936,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", choices=["on", "off"], help="bf16 autocast (default: on for CUDA)")
     p.add_argument("--channels-last", choices=["on", "off"], help="default: on for CUDA")
     p.add_argument("--ref-workers", type=int, help="DataLoader workers of the reference")
-    p.add_argument("--profile", type=csv, help="rows to profile with torch.profiler")
-    p.add_argument("--profile-steps", type=int)
+    p.add_argument("--profiler-rows", type=csv, help="rows to run under torch.profiler")
+    p.add_argument("--profiler-steps", type=int)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on a CPU)")
     p.add_argument("--device")
     p.add_argument("--seed", type=int)

@@ -1,40 +1,89 @@
-"""Robustness evaluation: clean, FGSM, PGD-20 (CE), CW-20 and AutoAttack accuracy.
+"""Robustness evaluation: one protocol for clean, FGSM, PGD, CW and AutoAttack accuracy.
 
-Protocol (papers.md, shared): the model is in eval mode; PGD-k uses a uniform random start,
-step eps/4 for k = 20 (as GAIRAT evaluates) and 2.5·eps/k otherwise, whichever is larger;
-final predictions on the attacked inputs are taken in fp32 even where the attack ran in bf16;
-AutoAttack is the authors' own package (``pyautoattack``), "standard" version by default
-(APGD-CE, APGD-T, FAB-T, Square).
+The protocol follows "On Evaluating Adversarial Robustness" (Carlini et al. 2019,
+arXiv 1902.06705) and RobustBench's rules (Croce et al. 2021, arXiv 2010.09670):
 
->>> results = evaluate(model, x_test, y_test, attacks=("clean", "pgd20", "aa"), eps=8/255)
->>> print(format_table({"pgd_at": results}))
+* Every attack runs on the *same* images and labels, with the model in eval mode and in fp32:
+  autocast is switched off for the whole evaluation (also inside a caller's autocast block),
+  the attacks get ``bf16=False``, and AutoAttack gets the fp32 model in eval mode.
+* Per attack, the accuracy under that attack alone (a fraction in [0, 1]); and ``"robust"``,
+  shown as "worst case": the fraction of examples classified correctly clean *and* under every
+  attack of the call, i.e. the per-example minimum. A clean-misclassified example that some
+  attack happens to push into the right class is not robust; AutoAttack counts the same way
+  (it attacks only the clean-correct points and keeps a point robust only while every attack
+  fails on it).
+* PGD-k (Madry et al. 2018, arXiv 1706.06083): CE loss, one uniform random start, step eps/4
+  for k = 20 (as GAIRAT evaluates) and max(eps/4, 2.5·eps/k) otherwise. CW-20: the same PGD-20
+  on the CW margin loss (Carlini & Wagner 2017, arXiv 1608.04644). FGSM (Goodfellow et al.
+  2015, arXiv 1412.6572): one step of size eps from x.
+* AutoAttack (Croce & Hein 2020, arXiv 2003.01690) is the authors' own package
+  (``pyautoattack``), "standard" version by default (APGD-CE, APGD-T, FAB-T, Square); a custom
+  list runs each attack with the standard version's budget. The package's own checks
+  (randomised or dynamic defence, probabilities instead of logits, zero gradients, number of
+  classes, Square beating the gradient attacks) are kept in ``result["aa_warnings"]``.
+* :func:`masking_report` flags the known signs of gradient masking or a broken evaluation;
+  its flags are ``result["warnings"]``, and :func:`format_report` prints them under a table.
+
+Units: ``eps`` in pixel units (images in [0, 1]; 8/255 for CIFAR Linf), accuracies as fractions
+in [0, 1] (tables show percent), times in wall-clock seconds.
+
+>>> result = evaluate(model, x_test, y_test, eps=8/255)         # clean, fgsm, pgd20, cw20, aa
+>>> print(format_table({"selected": result, "last": evaluate(last, x_test, y_test)}))
+>>> print(format_report(result))
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
+import os
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .attacks import check_eps, eval_mode, fgsm, pgd
+from .attacks import PIXEL_TOL, _check_count, _is_number, check_eps, eval_mode, fgsm, pgd
+from .fileio import atomic_write_text
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "pgd50", "cw20", "aa")
-#: AutoAttack standard reaches below PGD-20 by a few points on honest models; much more
-#: than this (accuracy points, in [0, 1]) suggests gradient masking
+#: AutoAttack versions that fix their own attack list; a custom list goes in ``aa_attacks``
+AA_VERSIONS = ("standard", "plus", "rand")
+#: attack names the ``pyautoattack`` package runs (its ``AttackName``)
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+#: AutoAttack reaches below PGD-20 by a few points on honest models (RobustBench's entries:
+#: typically 1-5 points); a larger gap (accuracy, in [0, 1]) suggests gradient masking
 MASKING_GAP = 0.10
+#: CW-20 (margin loss) lands within about 1-3 points of PGD-20 (CE) on honest adversarially
+#: trained models (Zhang et al. 2019, arXiv 1901.08573; Rice et al. 2020, arXiv 2002.11569).
+#: Much lower means the model resists the CE loss rather than attacks, the pattern of
+#: instance-reweighted training such as GAIRAT (Zhang et al. 2021, arXiv 2010.01736), whose
+#: PGD robustness does not carry over to margin-loss attacks (Hitaj et al. 2021,
+#: arXiv 2103.01914). Accuracy, in [0, 1].
+CW_GAP = 0.05
+#: one FGSM step should never beat 20 PGD steps by more than sampling noise (Carlini et al.
+#: 2019, sec. 5.6: iterative attacks must be stronger than single-step ones)
+FGSM_GAP = 0.02
+#: robust accuracy must not rise with eps (a larger ball contains the smaller one; Carlini
+#: et al. 2019, sec. 5.5); rises above this (accuracy) are flagged
+CURVE_RISE = 0.02
+#: column labels of :func:`format_table`
+LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20",
+          "pgd50": "PGD-50", "cw20": "CW-20", "aa": "AutoAttack", "robust": "worst case"}
 
 
 def _pgd_attack(steps: int, loss: str):
-    def run(model, x, y, *, eps, norm, seed):
+    def run(model, x, y, *, eps, norm):
         step_size = eps / 4 if steps == 20 else max(eps / 4, 2.5 * eps / steps)
-        return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss)
+        return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss,
+                   bf16=False)
     return run
 
 
 _BATCHED = {
-    "fgsm": lambda model, x, y, *, eps, norm, seed: fgsm(model, x, y, eps=eps, norm=norm),
+    "fgsm": lambda model, x, y, *, eps, norm: fgsm(model, x, y, eps=eps, norm=norm, bf16=False),
     "pgd10": _pgd_attack(10, "ce"),
     "pgd20": _pgd_attack(20, "ce"),
     "pgd50": _pgd_attack(50, "ce"),
@@ -42,17 +91,31 @@ _BATCHED = {
 }
 
 
+@contextlib.contextmanager
+def fp32(device: torch.device):
+    """Autocast off on ``device`` for the block, even inside a caller's autocast block."""
+    try:
+        ctx = torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast: nothing to switch off
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels (N,) from an fp32 forward pass in eval mode."""
-    with eval_mode(model):
+    with eval_mode(model), fp32(x.device):
         return torch.cat([model(x[i:i + batch_size]).float().argmax(1)
                           for i in range(0, len(x), batch_size)])
 
 
 def _as_tensors(x, y):
     """Accept tensors, a TensorDataset-like object (uint8 .x, .y), or a loader of (x, y)."""
-    if y is not None:
+    if y is not None or isinstance(x, torch.Tensor):
+        if y is None:
+            raise TypeError("y is None but x is a tensor: pass the labels as y (an int64 "
+                            "(N,) tensor), or pass a dataset / loader as x")
         return x, y
     if hasattr(x, "x") and hasattr(x, "y"):
         xs = x.x
@@ -61,120 +124,492 @@ def _as_tensors(x, y):
     return torch.cat(xs), torch.cat(ys)
 
 
-def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-               norm: str = "Linf", version: str = "standard", batch_size: int = 500,
-               seed: int = 0) -> torch.Tensor:
-    """AutoAttack (Croce & Hein 2020, arXiv 2003.01690) through the authors' ``pyautoattack``.
+# ----------------------------------------------------------------------------- AutoAttack
+class _ListHandler(logging.Handler):
+    def __init__(self, messages: list[str]):
+        super().__init__(level=logging.WARNING)
+        self.messages = messages
 
-    Returns x_adv (N, C, H, W). The model runs in fp32 and eval mode."""
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def capture_autoattack_warnings():
+    """Collect what AutoAttack's own checks report, as a list of strings filled in the block.
+
+    The ``pyautoattack`` checks (module ``checks``) report through the ``"auto-attack"`` logger
+    at WARNING level when AutoAttack passes its logger, and through ``warnings.warn`` when it
+    does not; both are captured. The logger still passes its records on (so they are also
+    printed as before); other warnings raised in the block are re-emitted unchanged.
+
+    >>> with capture_autoattack_warnings() as aa_warnings:
+    ...     x_adv = autoattack(model, x, y, eps=8/255)
+    """
+    messages: list[str] = []
+    logger = logging.getLogger("auto-attack")
+    handler = _ListHandler(messages)
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:  # someone silenced it: we still listen
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        for w in caught:
+            if "pyautoattack" in str(w.filename):
+                messages.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _autoattack(model, x, y, *, eps, norm, version, attacks, batch_size, seed):
+    """Run AutoAttack; returns (x_adv, the attack list it ran)."""
     try:
         from pyautoattack import AutoAttack
     except ImportError as err:  # a dependency of mixlab, so this means a broken install
         raise ImportError("AutoAttack needs the `pyautoattack` package: pip install "
                           "pyautoattack (it is in mixlab's dependencies)") from err
-    import logging
-    logging.getLogger("auto-attack").setLevel(logging.WARNING)
-    with eval_mode(model):
-        attack = AutoAttack(model, norm=norm, eps=float(eps), version=version, seed=seed,
-                            device=x.device)
+    kwargs = dict(norm=norm, eps=float(eps), seed=seed, device=x.device)
+    with eval_mode(model), fp32(x.device):
+        if attacks:
+            attack = AutoAttack(model, attacks=list(attacks), version="custom", **kwargs)
+            # the standard version's budget (1 restart, 9 target classes, 5000 Square
+            # queries) for every attack of the custom list; then the list itself again
+            attack._set_version("standard")
+            attack.attacks_to_run, attack.version = list(attacks), "custom"
+        else:
+            attack = AutoAttack(model, version=version, **kwargs)
         x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=batch_size)
-    return x_adv.to(x.device)
+    return x_adv.to(x.device), list(attack.attacks_to_run)
 
 
-def evaluate(model: torch.nn.Module, x, y=None, *, attacks: Sequence[str] = ("clean", "pgd20",
-             "aa"), eps: float = 8 / 255, norm: str = "Linf", batch_size: int = 500,
-             aa_version: str = "standard", seed: int = 0, run_dir: str | Path | None = None,
-             name: str = "eval") -> dict[str, Any]:
-    """Accuracy of ``model`` under each attack, as fractions in [0, 1].
+def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+               norm: str = "Linf", version: str = "standard",
+               attacks: Sequence[str] | None = None, batch_size: int = 500,
+               seed: int = 0) -> torch.Tensor:
+    """AutoAttack (Croce & Hein 2020, arXiv 2003.01690) through the authors' ``pyautoattack``.
 
-    Args:
-        x, y: test inputs (N, C, H, W) in [0, 1] and labels (N,); or a TensorDataset / loader
-            as ``x`` with ``y=None``. Evaluate on a subset by slicing: the result records n.
-        attacks: names from ``ATTACKS``.
-        eps, norm: threat model, pixel units. aa_version: AutoAttack version.
-        run_dir: if given, the results are written to ``run_dir/<name>.json``.
-    Returns:
-        {"clean": 0.93, "pgd20": 0.51, ..., "n": N, "eps": eps, "norm": norm,
-         "seconds": {...}, "img_per_s": {...}, "warnings": [...]}
+    ``version``: "standard", "plus" or "rand"; ``attacks``: a custom list from ``AA_ATTACKS``
+    instead (run with the standard version's budget). The model runs in fp32 and eval mode.
+    Returns x_adv (N, C, H, W); examples AutoAttack did not break (or that were misclassified
+    to begin with) come back unchanged. Wrap the call in :func:`capture_autoattack_warnings`
+    to keep the package's own warnings; :func:`evaluate` does, and checks its inputs first.
     """
-    check_eps(eps, norm)
+    return _autoattack(model, x, y, eps=eps, norm=norm, version=version, attacks=attacks,
+                       batch_size=batch_size, seed=seed)[0]
+
+
+# ----------------------------------------------------------------------------- input checks
+def _check_attack_names(attacks) -> list[str]:
+    """Known names, each once, clean first (the worst case needs it)."""
+    if isinstance(attacks, str):
+        raise TypeError(f"attacks must be a sequence of names, got the string {attacks!r}; "
+                        f"write attacks=({attacks!r},)")
+    attacks = list(attacks)
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; choose from {ATTACKS}")
+    return ["clean"] + [a for a in dict.fromkeys(attacks) if a != "clean"]
+
+
+def _check_aa(attacks: list[str], version: str, aa_attacks) -> list[str] | None:
+    if aa_attacks is None:
+        if version not in AA_VERSIONS:
+            raise ValueError(f"unknown aa_version {version!r}; choose one of {AA_VERSIONS}, or "
+                             f"give a custom list as aa_attacks=[...] (from {AA_ATTACKS})")
+        return None
+    if isinstance(aa_attacks, str):
+        raise TypeError(f"aa_attacks must be a list of names, got the string {aa_attacks!r}; "
+                        f"write aa_attacks=[{aa_attacks!r}]")
+    aa_attacks = list(aa_attacks)
+    unknown = [a for a in aa_attacks if a not in AA_ATTACKS]
+    if unknown or not aa_attacks:
+        raise ValueError(f"unknown AutoAttack attack(s) {unknown or aa_attacks}; aa_attacks is "
+                         f"a non-empty list from {AA_ATTACKS}")
+    if version not in ("standard", "custom"):
+        raise ValueError(f"aa_version={version!r} fixes its own attack list; give either "
+                         f"aa_version or aa_attacks={aa_attacks}, not both")
+    if "aa" not in attacks:
+        raise ValueError(f"aa_attacks={aa_attacks} is given but 'aa' is not in attacks "
+                         f"{attacks[1:]}: add 'aa' to attacks")
+    return list(dict.fromkeys(aa_attacks))
+
+
+def _check_data(x, y) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor of images (N, C, H, W) in [0, 1], got "
+                        f"{type(x).__name__}")
+    if x.dtype == torch.uint8:
+        raise TypeError("x has dtype torch.uint8 (pixels 0-255); evaluate takes float pixels in "
+                        "[0, 1]: pass x.float() / 255")
+    if not x.is_floating_point():
+        raise TypeError(f"x has dtype {x.dtype}; evaluate takes float pixels in [0, 1]: pass "
+                        f"x.float() (divided by 255 if the pixels are 0-255)")
+    if x.dim() != 4:
+        raise ValueError(f"x has shape {tuple(x.shape)}; evaluate takes images (N, C, H, W) "
+                         f"(x[None] for one image)")
+    if len(x) == 0:
+        raise ValueError("x holds no images (N = 0): there is nothing to evaluate")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be an int64 tensor of labels (N,), got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        hint = ("evaluate needs hard labels, e.g. y.argmax(1) of one-hot rows"
+                if y.is_floating_point() else "pass y.long()")
+        raise TypeError(f"y has dtype {y.dtype}; labels must be int64 class indices: {hint}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise ValueError(f"y has shape {tuple(y.shape)} for {len(x)} images; it must be "
+                         f"({len(x)},), one label per image")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} and x on {x.device}: move both to one device")
+    # one host sync each: evaluation is not a training step
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError("x contains NaN pixels; evaluate takes pixels in [0, 1]")
+    if lo < -PIXEL_TOL or hi > 1 + PIXEL_TOL:
+        hint = ("they look like 0-255 pixels: pass x / 255" if lo >= 0 and hi > 1.5 else
+                "normalisation belongs in the model's first layer: pass the raw pixels")
+        raise ValueError(f"x has values in [{lo:.4g}, {hi:.4g}]; evaluate takes pixels in "
+                         f"[0, 1] ({hint})")
+
+
+def _check_model(model, x: torch.Tensor, batch_size: int) -> int:
+    """Model type, fp32 parameters on x's device; returns the number of classes (from the
+    logits of the first batch, checked against ``model.num_classes`` where present)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module mapping pixels to logits, got "
+                        f"{type(model).__name__}")
+    for pname, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            raise TypeError(f"model parameter {pname!r} is {p.dtype}; the evaluation protocol "
+                            f"runs in fp32: pass model.float()")
+        if p.device != x.device:
+            raise ValueError(f"model is on {p.device} and x on {x.device}: move x and y with "
+                             f".to({str(p.device)!r})")
+    with torch.no_grad(), eval_mode(model), fp32(x.device):
+        logits = model(x[:batch_size])
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(
+            x[:batch_size]):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+        raise ValueError(f"the model returned {shape} for {len(x[:batch_size])} images; "
+                         f"evaluate needs logits of shape (N, num_classes)")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model's logits on the first batch contain NaN or inf; "
+                         "an evaluation of them would mean nothing")
+    num_classes = logits.shape[1]
+    declared = getattr(model, "num_classes", None)
+    if isinstance(declared, int) and declared != num_classes:
+        raise ValueError(f"model.num_classes is {declared} but the model outputs "
+                         f"{num_classes} logits")
+    return num_classes
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(y))
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"y has label {bad} but the model has {num_classes} classes; labels "
+                         f"must lie in [0, {num_classes})")
+
+
+def _check_run_dir(run_dir, name) -> Path | None:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".",
+                                                                                      ".."):
+        raise ValueError(f"name={name!r} must be a plain file name (no folders): the result "
+                         f"goes to run_dir/<name>.json")
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / f"{name}.json"
+    existing = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK)):
+        warnings.warn(f"{existing} is not a writable folder: the evaluation will run, but "
+                      f"{path} cannot be written; the result will only be returned",
+                      RuntimeWarning, stacklevel=3)
+    return path
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model: torch.nn.Module, x, y=None, *,
+             attacks: Sequence[str] = ("clean", "fgsm", "pgd20", "cw20", "aa"),
+             eps: float = 8 / 255, norm: str = "Linf", batch_size: int = 500,
+             aa_version: str = "standard", aa_attacks: Sequence[str] | None = None,
+             seed: int = 0, run_dir: str | Path | None = None,
+             name: str = "eval") -> dict[str, Any]:
+    """Accuracy of ``model`` under each attack and in the worst case, on the same images.
+
+    Args:
+        model: maps (N, C, H, W) pixels in [0, 1] to logits (N, K); fp32 parameters on x's
+            device. Evaluated in eval mode (its mode is restored afterwards) and in fp32.
+        x, y: test images (N, C, H, W), float in [0, 1], and int64 labels (N,) in [0, K); or a
+            TensorDataset-like object / loader as ``x`` with ``y=None``. Slice for a subset:
+            the result records n.
+        attacks: names from ``ATTACKS``; "clean" is always evaluated (first), since the worst
+            case and the masking report need it.
+        eps, norm: the threat model, pixel units ("Linf": eps in [0, 1]; "L2"). With eps = 0
+            no attack can move a point: every attack's accuracy is the clean one.
+        batch_size: images per forward pass (and AutoAttack's batch).
+        aa_version: AutoAttack version ("standard", "plus", "rand").
+        aa_attacks: a custom AutoAttack list instead, e.g. ["apgd-ce", "apgd-t"] (names from
+            ``AA_ATTACKS``), run as version "custom" with the standard version's budget.
+        seed: the RNG seed of every attack (set before each one, so an attack's result does
+            not depend on which attacks ran before it); the caller's RNG state is restored.
+        run_dir, name: if run_dir is given, the result is written to ``run_dir/<name>.json``,
+            atomically (a temporary file in the same folder, fsync, rename).
+    Returns:
+        dict: one accuracy per attack (``"clean"``, ``"pgd20"``, ...), each the accuracy under
+        that attack alone; ``"robust"``, the worst case; ``"per_example"``, {attack or
+        "robust": list of N bools, correct or not}; ``"attacks"`` (the names, clean first);
+        ``"n"``, ``"eps"``, ``"norm"``, ``"seed"``; ``"seconds"`` and ``"img_per_s"`` per
+        attack; with "aa", ``"aa_version"``, ``"aa_attacks"`` (the list AutoAttack ran) and
+        ``"aa_warnings"`` (its own checks' messages); ``"warnings"``, the masking report
+        (:func:`masking_report`) plus a failed write if there was one; ``"saved_to"`` (the JSON
+        path, or None). Everything is JSON-able.
+    Raises:
+        TypeError / ValueError, before anything runs or is written, naming the bad value and
+        the fix: x not a float (N, C, H, W) tensor in [0, 1] (uint8 images: divide by 255), y
+        not int64 (N,) with labels in [0, num_classes), eps not a finite number >= 0 (Linf
+        <= 1), unknown attack / AutoAttack names, batch_size < 1, a model that is not fp32 or
+        not on x's device.
+
+    A finished evaluation is never lost to a failed write. If ``run_dir/<name>.json`` cannot
+    be written (read-only or full disk, a file in the way), the result is still *returned*:
+    ``result["saved_to"]`` is None, ``result["save_error"]`` says why, the same line is added
+    to ``result["warnings"]`` and a ``RuntimeWarning`` is emitted; write it elsewhere with
+    :func:`save_result`. Returning was chosen over raising an error that carries the result:
+    in a notebook an exception leaves nothing bound to the cell's variable, and an AutoAttack
+    run of an hour would be reachable only through ``sys.last_value``. A folder that already
+    looks unwritable is warned about before the attacks start.
+
+    >>> result = evaluate(model, x_test[:1000], y_test[:1000], eps=8/255, run_dir=run.path)
+    >>> result["robust"], result["warnings"]
+    """
+    attacks = _check_attack_names(attacks)
+    aa_attacks = _check_aa(attacks, aa_version, aa_attacks)
+    if not _is_number(eps):
+        raise TypeError(f"eps must be a number in pixel units (e.g. 8/255), got "
+                        f"{type(eps).__name__} {eps!r}")
+    check_eps(eps, norm)
+    _check_count(batch_size, "batch_size", 1)
+    _check_count(seed, "seed", 0)
+    path = _check_run_dir(run_dir, name)
     x, y = _as_tensors(x, y)
-    torch.manual_seed(seed)
-    results: dict[str, Any] = {"n": len(x), "eps": eps, "norm": norm, "seconds": {},
-                               "img_per_s": {}}
-    for name_ in attacks:
-        t0 = time.perf_counter()
-        if name_ == "clean":
-            x_eval = x
-        elif name_ == "aa":
-            x_eval = autoattack(model, x, y, eps=eps, norm=norm, version=aa_version,
-                                batch_size=batch_size, seed=seed)
-        else:
-            run = _BATCHED[name_]
-            x_eval = torch.cat([run(model, x[i:i + batch_size], y[i:i + batch_size], eps=eps,
-                                    norm=norm, seed=seed)
-                                for i in range(0, len(x), batch_size)])
-        results[name_] = (predict(model, x_eval, batch_size) == y).float().mean().item()
-        seconds = time.perf_counter() - t0
-        results["seconds"][name_] = seconds
-        results["img_per_s"][name_] = len(x) / max(seconds, 1e-9)
-    results["warnings"] = sanity_report(results)
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        Path(run_dir, f"{name}.json").write_text(json.dumps(results, indent=2))
-    return results
+    _check_data(x, y)
+    num_classes = _check_model(model, x, batch_size)
+    _check_labels(y, num_classes)
+
+    eps = float(eps)
+    n = len(x)
+    result: dict[str, Any] = {"attacks": attacks, "n": n, "eps": eps, "norm": norm,
+                              "seed": seed, "seconds": {}, "img_per_s": {}}
+    correct: dict[str, torch.Tensor] = {}
+    cuda_devices = list(range(torch.cuda.device_count())) if x.is_cuda else []
+    with torch.random.fork_rng(devices=cuda_devices), eval_mode(model), fp32(x.device):
+        for attack in attacks:
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            if attack == "clean" or eps == 0:
+                x_eval = x
+            elif attack == "aa":
+                with capture_autoattack_warnings() as aa_warnings:
+                    x_eval, aa_run = _autoattack(model, x, y, eps=eps, norm=norm,
+                                                 version=aa_version, attacks=aa_attacks,
+                                                 batch_size=batch_size, seed=seed)
+                result["aa_version"] = "custom" if aa_attacks else aa_version
+                result["aa_attacks"] = aa_run
+                result["aa_warnings"] = list(dict.fromkeys(aa_warnings))
+            else:
+                run = _BATCHED[attack]
+                x_eval = torch.cat([run(model, x[i:i + batch_size], y[i:i + batch_size],
+                                        eps=eps, norm=norm)
+                                    for i in range(0, n, batch_size)])
+            correct[attack] = predict(model, x_eval, batch_size) == y
+            seconds = time.perf_counter() - t0
+            result["seconds"][attack] = seconds
+            result["img_per_s"][attack] = n / max(seconds, 1e-9)
+    robust = torch.stack(list(correct.values())).all(0)
+    for attack, c in correct.items():
+        result[attack] = c.float().mean().item()
+    result["robust"] = robust.float().mean().item()
+    result["per_example"] = {**{a: c.tolist() for a, c in correct.items()},
+                             "robust": robust.tolist()}
+    result["warnings"] = masking_report(result)
+    result["saved_to"] = None if path is None else str(path)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_result(result, path)
+        except OSError as err:
+            msg = (f"the result could not be written to {path} ({err}); it is only in "
+                   f"memory: keep the returned dict and save it with save_result(result, "
+                   f"<writable path>)")
+            result["saved_to"] = None
+            result["save_error"] = msg
+            result["warnings"].append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return result
 
 
-def sanity_report(results: dict[str, Any], curve: Sequence[float] | None = None) -> list[str]:
-    """Warnings that point at gradient masking or a broken evaluation (Carlini et al. 2019,
-    "On Evaluating Adversarial Robustness", arXiv 1902.06705; RobustBench's checks)."""
-    warnings = []
-    clean = results.get("clean")
-    for key in ("fgsm", "pgd20", "cw20", "aa"):
-        if clean is not None and key in results and results[key] > clean + 1e-9:
-            warnings.append(f"{key} accuracy {results[key]:.3f} is above clean accuracy "
-                            f"{clean:.3f}: the attack is broken")
-    if "aa" in results and "pgd20" in results and results["pgd20"] - results["aa"] > MASKING_GAP:
-        warnings.append(f"AutoAttack ({results['aa']:.3f}) is far below PGD-20 "
-                        f"({results['pgd20']:.3f}): PGD is likely fooled by gradient masking")
-    if "fgsm" in results and "pgd20" in results and results["fgsm"] < results["pgd20"] - 0.02:
-        warnings.append(f"FGSM ({results['fgsm']:.3f}) is stronger than PGD-20 "
-                        f"({results['pgd20']:.3f}): a sign of gradient masking")
+def result_json(result: Mapping[str, Any]) -> str:
+    """``result`` as indented JSON text, each per-example list on one line (a list of 10,000
+    bools would otherwise take 10,000 lines)."""
+    summary = {k: v for k, v in result.items() if k != "per_example"}
+    text = json.dumps(summary, indent=2, allow_nan=False)
+    per_example = result.get("per_example")
+    if per_example is None:
+        return text + "\n"
+    rows = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                      for k, v in per_example.items())
+    block = '  "per_example": {\n' + rows + "\n  }" if rows else '  "per_example": {}'
+    head = text[:-1].rstrip()
+    return head + (",\n" if summary else "\n") + block + "\n}\n"
+
+
+def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
+    """Write an :func:`evaluate` result to ``path`` as JSON, atomically (a temporary file in
+    the same folder, flushed and fsync-ed, then renamed over ``path``; the folder must exist).
+    Raises OSError if it cannot be written. Returns the path."""
+    path = Path(path)
+    atomic_write_text(path, result_json(result))
+    return path
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    """Read a result written by :func:`evaluate` / :func:`save_result`."""
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- masking report
+def _curve_values(curve) -> list[tuple[Any, float]]:
+    """(eps, accuracy) pairs in eps order from a mapping {eps: acc} or a sequence of
+    accuracies already in increasing eps order (eps then reads as the index)."""
+    if isinstance(curve, Mapping):
+        return sorted((float(k), float(v)) for k, v in curve.items())
+    return [(i, float(v)) for i, v in enumerate(curve)]
+
+
+def masking_report(result: Mapping[str, Any], curve=None) -> list[str]:
+    """Flags that point at gradient masking or a broken evaluation, as readable sentences.
+
+    Following Carlini et al. 2019 ("On Evaluating Adversarial Robustness", arXiv 1902.06705,
+    sec. 5) and RobustBench's checks, on a (possibly merged) :func:`evaluate` result:
+
+    * an attack's accuracy above the clean accuracy (> 0 points): on the same images an attack
+      can only lower accuracy, so the attack is broken (or the numbers come from different
+      images);
+    * AutoAttack below PGD-20 by more than ``MASKING_GAP`` (10 points): PGD is being fooled;
+    * CW-20 below PGD-20 by more than ``CW_GAP`` (5 points): robust to the CE loss only,
+      GAIRAT's known symptom;
+    * FGSM below PGD-20 by more than ``FGSM_GAP`` (2 points): one step beats twenty;
+    * ``curve``, robust accuracies in increasing eps order (a sequence, or a mapping
+      {eps: accuracy}), rising by more than ``CURVE_RISE`` (2 points) from one eps to the next;
+    * each of AutoAttack's own warnings (``result["aa_warnings"]``).
+
+    Accuracies are fractions in [0, 1]. Returns [] when nothing is flagged.
+
+    >>> masking_report({"clean": 0.8, "pgd20": 0.6, "aa": 0.3})
+    ['AutoAttack (30.0%) is 30.0 points below PGD-20 (60.0%): ...']
+    """
+    flags = []
+    acc = {k: float(v) for k, v in result.items()
+           if k in ATTACKS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    clean = acc.get("clean")
+    if clean is not None:
+        for key in ATTACKS[1:]:
+            if key in acc and acc[key] > clean + 1e-9:
+                flags.append(f"{LABELS[key]} accuracy {acc[key]:.1%} is above clean accuracy "
+                             f"{clean:.1%}: on the same images an attack can only lower "
+                             f"accuracy, so the attack is broken (or the numbers come from "
+                             f"different images)")
+    pgd20 = acc.get("pgd20")
+    if pgd20 is not None:
+        if "aa" in acc and pgd20 - acc["aa"] > MASKING_GAP:
+            flags.append(f"AutoAttack ({acc['aa']:.1%}) is {100 * (pgd20 - acc['aa']):.1f} "
+                         f"points below PGD-20 ({pgd20:.1%}), more than "
+                         f"{100 * MASKING_GAP:.0f}: PGD is likely fooled by gradient masking; "
+                         f"report AutoAttack")
+        if "cw20" in acc and pgd20 - acc["cw20"] > CW_GAP:
+            flags.append(f"CW-20 ({acc['cw20']:.1%}) is {100 * (pgd20 - acc['cw20']):.1f} "
+                         f"points below PGD-20 ({pgd20:.1%}), more than {100 * CW_GAP:.0f}: "
+                         f"the model resists the CE loss rather than attacks (GAIRAT's "
+                         f"known symptom); trust AutoAttack, not PGD-20")
+        if "fgsm" in acc and acc["fgsm"] < pgd20 - FGSM_GAP:
+            flags.append(f"FGSM ({acc['fgsm']:.1%}) is stronger than PGD-20 ({pgd20:.1%}) by "
+                         f"{100 * (pgd20 - acc['fgsm']):.1f} points: one step beating twenty "
+                         f"is a sign of gradient masking")
     if curve is not None:
-        rises = [i for i in range(1, len(curve)) if curve[i] > curve[i - 1] + 0.02]
+        points = _curve_values(curve)
+        rises = [(a, b) for a, b in zip(points, points[1:]) if b[1] > a[1] + CURVE_RISE]
         if rises:
-            warnings.append("robust accuracy rises with eps in the curve: gradient masking or "
-                            "too few attack steps")
-    return warnings
+            (e0, a0), (e1, a1) = rises[0]
+            where = (f"from {a0:.1%} at eps {e0:.4g} to {a1:.1%} at eps {e1:.4g}"
+                     if isinstance(curve, Mapping) else
+                     f"from {a0:.1%} at point {e0} to {a1:.1%} at point {e1}")
+            flags.append(f"robust accuracy rises with eps in the curve ({where}"
+                         f"{'' if len(rises) == 1 else f', and {len(rises) - 1} more rise(s)'})"
+                         f": a larger ball contains the smaller one, so this is gradient "
+                         f"masking or too few attack steps")
+    for message in result.get("aa_warnings") or ():
+        flags.append(f"AutoAttack's own check: {message}")
+    return flags
 
 
+def format_report(result: Mapping[str, Any], curve=None) -> str:
+    """The masking report as text, to print under a table: "masking report: clean" when
+    nothing is flagged, else one line per flag (with a failed write, if any)."""
+    flags = masking_report(result, curve)
+    flags += [w for w in result.get("warnings") or () if w not in flags]
+    if not flags:
+        return "masking report: clean"
+    return "\n".join([f"masking report: {len(flags)} flag(s)"] + [f"- {f}" for f in flags])
+
+
+# ----------------------------------------------------------------------------- curves, tables
 def robust_accuracy_curve(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                           eps_list: Iterable[float], attack: str = "pgd20",
-                          norm: str = "Linf", batch_size: int = 500) -> list[float]:
-    """Accuracy under ``attack`` ("fgsm", "pgd10", "pgd20", "cw20") for each eps; eps = 0
-    gives the clean accuracy."""
+                          norm: str = "Linf", batch_size: int = 500,
+                          seed: int = 0) -> list[float]:
+    """Worst-case accuracy (clean and ``attack``, per example) for each eps of ``eps_list``
+    (pixel units), through :func:`evaluate`, so in fp32 and with its input checks. ``attack``:
+    "fgsm", "pgd10", "pgd20", "pgd50" or "cw20". eps = 0 gives the clean accuracy. Feed the
+    list to :func:`masking_report` as ``curve`` (in increasing eps order)."""
     if attack not in _BATCHED:
-        raise ValueError(f"curve attack must be one of {sorted(_BATCHED)}")
-    accs = []
-    for eps in eps_list:
-        if eps == 0:
-            accs.append((predict(model, x, batch_size) == y).float().mean().item())
-        else:
-            accs.append(evaluate(model, x, y, attacks=(attack,), eps=eps, norm=norm,
-                                 batch_size=batch_size)[attack])
-    return accs
+        raise ValueError(f"curve attack {attack!r} must be one of {sorted(_BATCHED)}")
+    return [evaluate(model, x, y, attacks=(attack,), eps=eps, norm=norm,
+                     batch_size=batch_size, seed=seed)["robust"]
+            for eps in eps_list]
 
 
-def format_table(rows: dict[str, dict[str, Any]],
-                 columns: Sequence[str] = ("clean", "fgsm", "pgd20", "cw20", "aa")) -> str:
-    """A Markdown table of accuracies (percent), one row per model/method."""
-    present = [c for c in columns if any(c in r for r in rows.values())]
-    lines = ["| model | " + " | ".join(present) + " |",
-             "|---|" + "---:|" * len(present)]
+def format_table(rows: Mapping[str, Mapping[str, Any]],
+                 columns: Sequence[str] = ("clean", "fgsm", "pgd20", "cw20", "aa",
+                                           "robust")) -> str:
+    """A Markdown table of accuracies (percent), one row per named result.
+
+    Rows are just named results, e.g. a selected and a last checkpoint side by side:
+    ``format_table({"PGD-AT selected": r_best, "PGD-AT last": r_last})``. "robust" is labelled
+    "worst case" (correct clean and under every attack of the row). Columns no row has are
+    left out; cells a row lacks show "–"; an "n" column is added when any row records n.
+    """
+    if not isinstance(rows, Mapping) or not all(isinstance(r, Mapping) for r in rows.values()):
+        raise TypeError("format_table takes {name: result}; wrap one result as "
+                        "{'model': result}")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    present = [c for c in columns
+               if c != "n" and any(number(r.get(c)) for r in rows.values())]
+    with_n = any("n" in r for r in rows.values())
+    labels = [LABELS.get(c, c) for c in present] + (["n"] if with_n else [])
+    lines = ["| model | " + " | ".join(labels) + " |",
+             "|---|" + "---:|" * len(labels)]
     for name, r in rows.items():
-        cells = [f"{100 * r[c]:.2f}" if c in r else "–" for c in present]
+        cells = [f"{100 * r[c]:.2f}" if number(r.get(c)) else "–" for c in present]
+        if with_n:
+            cells.append(str(r.get("n", "–")))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -181,7 +181,7 @@ def test_exact_linear_adversarial_loss_equals_mixlab_pgd():
     y = (torch.rand(n, generator=g) < 0.5).long()
     b = -float((x @ theta).mean())
     two_logits = TwoLogits(theta, b)
-    x_adv = attacks.pgd(two_logits, x, y, eps=eps, alpha=eps / 4, steps=50, norm="L2",
+    x_adv = attacks.pgd(two_logits, x, y, eps=eps, step_size=eps / 4, steps=50, norm="L2",
                         loss="ce", random_start=False, bf16=False)
     pgd_loss = float(T.logistic_loss(x_adv @ theta + b, y.double()).mean())
     exact = T.adv_loss_exact_linear(theta, x, y.double(), eps, bias=b)

@@ -1,11 +1,11 @@
-"""GPU results in few device calls (issue 8): pack here, run a stage there, unpack here.
+"""GPU results in few remote calls: pack here, run a stage on the GPU machine, unpack here.
 
-The device machine (see the device tool's README) has torch but not papermill, pyautoattack or
+The GPU machine has torch but not papermill, pyautoattack or
 the Jupyter stack, cannot reach PyPI, and does not see ``../shared``. One call runs at most
-10 minutes and a session has 30 minutes of device time, so the work is cut into stages that
+10 minutes and GPU time comes in short loans, so the work is cut into stages that
 each fit one call and bring their figures back in one archive.
 
-1. Here, once per session (stdlib + pip; seconds)::
+1. Here, once per GPU loan (stdlib + pip; seconds)::
 
        python3 tools/device_kit.py pack
 
