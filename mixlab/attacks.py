@@ -118,7 +118,7 @@ def _check_radius(value, name: str, norm: str, *, positive: bool) -> None:
                    "noise augmentation, not adversarial training)" if name == "step_size"
                    else " (eps=0 leaves x unchanged: use the model's clean predictions)")
             raise ValueError(f"{name} must be {bound}, got {name}={value}"
-                             f"{why if v == 0 else ''}")
+                             f"{why if v == 0 else ': it is a size in pixel units'}")
         if name == "eps" and norm == "Linf" and v > 1:
             raise ValueError(
                 f"Linf eps={value} is outside [0, 1]: mixlab works in pixel space, "
@@ -366,7 +366,8 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, step_s
                     if early_stop:
                         active = active & correct
                         grad = grad * active.reshape(-1, *([1] * (x.dim() - 1)))
-                    delta = project(ascent_step(delta.detach(), grad, step_size, norm), x, eps, norm)
+                    delta = project(ascent_step(delta.detach(), grad, step_size, norm), x, eps,
+                                    norm)
             x_adv = (x + delta).detach()
             if restarts <= 1:
                 best_x, best_kappa = x_adv, kappa

@@ -89,7 +89,7 @@ BENCH_DEFAULTS: dict[str, Any] = dict(
     threads=None,           # torch CPU threads during the run; None: 1 on a CPU (with process
                             # time it counts exactly the work; several threads on a busy
                             # machine spin and waste 10x), torch's own setting on a GPU
-    pgd_steps=10,           # inner PGD steps of every adversarial row (methods with `steps`)
+    pgd_steps=10,           # inner PGD steps of every adversarial row (the methods' attack.steps)
     epochs=100,             # `epochs` the methods are built with; steps run in the last epoch,
                             # where every schedule (GAIRAT's reweighting, FAT's tau) is on
     lr=0.01,                # SGD learning rate: small so a short run never diverges (speed

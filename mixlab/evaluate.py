@@ -53,21 +53,22 @@ ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "pgd50", "cw20", "aa")
 AA_VERSIONS = ("standard", "plus", "rand")
 #: attack names the ``pyautoattack`` package runs (its ``AttackName``)
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-#: AutoAttack reaches below PGD-20 by a few points on honest models (RobustBench's entries:
-#: typically 1-5 points); a larger gap (accuracy, in [0, 1]) suggests gradient masking
+#: AutoAttack reaches below PGD-20 by a few points on honest models; a larger gap (accuracy,
+#: in [0, 1]) means PGD is being fooled, i.e. gradient masking (Croce & Hein 2020)
 MASKING_GAP = 0.10
-#: CW-20 (margin loss) lands within about 1-3 points of PGD-20 (CE) on honest adversarially
-#: trained models (Zhang et al. 2019, arXiv 1901.08573; Rice et al. 2020, arXiv 2002.11569).
+#: CW-20 (margin loss) lands at most a few points below PGD-20 (CE) on honestly adversarially
+#: trained models (PGD-AT, TRADES): both attacks search the same ball, only the loss differs.
 #: Much lower means the model resists the CE loss rather than attacks, the pattern of
 #: instance-reweighted training such as GAIRAT (Zhang et al. 2021, arXiv 2010.01736), whose
-#: PGD robustness does not carry over to margin-loss attacks (Hitaj et al. 2021,
-#: arXiv 2103.01914). Accuracy, in [0, 1].
+#: robustness to the PGD-CE attack it reweights by drops sharply under other attacks such as
+#: CW (Gao et al. 2021, "Local Reweighting for Adversarial Training", arXiv 2106.15776).
+#: Accuracy, in [0, 1].
 CW_GAP = 0.05
 #: one FGSM step should never beat 20 PGD steps by more than sampling noise (Carlini et al.
-#: 2019, sec. 5.6: iterative attacks must be stronger than single-step ones)
+#: 2019's checklist: iterative attacks must do better than single-step ones)
 FGSM_GAP = 0.02
 #: robust accuracy must not rise with eps (a larger ball contains the smaller one; Carlini
-#: et al. 2019, sec. 5.5); rises above this (accuracy) are flagged
+#: et al. 2019's checklist); rises above this (accuracy) are flagged
 CURVE_RISE = 0.02
 #: column labels of :func:`format_table`
 LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20",
@@ -92,7 +93,7 @@ _BATCHED = {
 
 
 @contextlib.contextmanager
-def fp32(device: torch.device):
+def _fp32(device: torch.device):
     """Autocast off on ``device`` for the block, even inside a caller's autocast block."""
     try:
         ctx = torch.autocast(device.type, enabled=False)
@@ -105,7 +106,7 @@ def fp32(device: torch.device):
 @torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels (N,) from an fp32 forward pass in eval mode."""
-    with eval_mode(model), fp32(x.device):
+    with eval_mode(model), _fp32(x.device):
         return torch.cat([model(x[i:i + batch_size]).float().argmax(1)
                           for i in range(0, len(x), batch_size)])
 
@@ -176,7 +177,7 @@ def _autoattack(model, x, y, *, eps, norm, version, attacks, batch_size, seed):
         raise ImportError("AutoAttack needs the `pyautoattack` package: pip install "
                           "pyautoattack (it is in mixlab's dependencies)") from err
     kwargs = dict(norm=norm, eps=float(eps), seed=seed, device=x.device)
-    with eval_mode(model), fp32(x.device):
+    with eval_mode(model), _fp32(x.device):
         if attacks:
             attack = AutoAttack(model, attacks=list(attacks), version="custom", **kwargs)
             # the standard version's budget (1 restart, 9 target classes, 5000 Square
@@ -291,7 +292,7 @@ def _check_model(model, x: torch.Tensor, batch_size: int) -> int:
         if p.device != x.device:
             raise ValueError(f"model is on {p.device} and x on {x.device}: move x and y with "
                              f".to({str(p.device)!r})")
-    with torch.no_grad(), eval_mode(model), fp32(x.device):
+    with torch.no_grad(), eval_mode(model), _fp32(x.device):
         logits = model(x[:batch_size])
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(
             x[:batch_size]):
@@ -367,8 +368,8 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
         ``"n"``, ``"eps"``, ``"norm"``, ``"seed"``; ``"seconds"`` and ``"img_per_s"`` per
         attack; with "aa", ``"aa_version"``, ``"aa_attacks"`` (the list AutoAttack ran) and
         ``"aa_warnings"`` (its own checks' messages); ``"warnings"``, the masking report
-        (:func:`masking_report`) plus a failed write if there was one; ``"saved_to"`` (the JSON
-        path, or None). Everything is JSON-able.
+        (:func:`masking_report`); ``"saved_to"`` (the JSON path, or None); after a failed
+        write ``"save_error"``. Everything is JSON-able.
     Raises:
         TypeError / ValueError, before anything runs or is written, naming the bad value and
         the fix: x not a float (N, C, H, W) tensor in [0, 1] (uint8 images: divide by 255), y
@@ -378,9 +379,10 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
 
     A finished evaluation is never lost to a failed write. If ``run_dir/<name>.json`` cannot
     be written (read-only or full disk, a file in the way), the result is still *returned*:
-    ``result["saved_to"]`` is None, ``result["save_error"]`` says why, the same line is added
-    to ``result["warnings"]`` and a ``RuntimeWarning`` is emitted; write it elsewhere with
-    :func:`save_result`. Returning was chosen over raising an error that carries the result:
+    ``result["saved_to"]`` is None, ``result["save_error"]`` says why (and
+    :func:`format_report` shows it), and a ``RuntimeWarning`` is emitted; write it elsewhere
+    with :func:`save_result`. ``result["warnings"]`` stays the masking report alone, so a check
+    on it does not mistake a full disk for gradient masking. Returning was chosen over raising an error that carries the result:
     in a notebook an exception leaves nothing bound to the cell's variable, and an AutoAttack
     run of an hour would be reachable only through ``sys.last_value``. A folder that already
     looks unwritable is warned about before the attacks start.
@@ -408,7 +410,7 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
                               "seed": seed, "seconds": {}, "img_per_s": {}}
     correct: dict[str, torch.Tensor] = {}
     cuda_devices = list(range(torch.cuda.device_count())) if x.is_cuda else []
-    with torch.random.fork_rng(devices=cuda_devices), eval_mode(model), fp32(x.device):
+    with torch.random.fork_rng(devices=cuda_devices), eval_mode(model), _fp32(x.device):
         for attack in attacks:
             torch.manual_seed(seed)
             t0 = time.perf_counter()
@@ -449,7 +451,6 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
                    f"<writable path>)")
             result["saved_to"] = None
             result["save_error"] = msg
-            result["warnings"].append(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return result
 
@@ -496,7 +497,7 @@ def masking_report(result: Mapping[str, Any], curve=None) -> list[str]:
     """Flags that point at gradient masking or a broken evaluation, as readable sentences.
 
     Following Carlini et al. 2019 ("On Evaluating Adversarial Robustness", arXiv 1902.06705,
-    sec. 5) and RobustBench's checks, on a (possibly merged) :func:`evaluate` result:
+    its checklist) and RobustBench's checks, on a (possibly merged) :func:`evaluate` result:
 
     * an attack's accuracy above the clean accuracy (> 0 points): on the same images an attack
       can only lower accuracy, so the attack is broken (or the numbers come from different
@@ -560,12 +561,16 @@ def masking_report(result: Mapping[str, Any], curve=None) -> list[str]:
 
 def format_report(result: Mapping[str, Any], curve=None) -> str:
     """The masking report as text, to print under a table: "masking report: clean" when
-    nothing is flagged, else one line per flag (with a failed write, if any)."""
+    nothing is flagged, else one line per flag; plus a line for a result that could not be
+    written (``result["save_error"]``). The flags are recomputed from the numbers (so a merged
+    result is judged as merged) together with those stored in ``result["warnings"]``."""
     flags = masking_report(result, curve)
     flags += [w for w in result.get("warnings") or () if w not in flags]
-    if not flags:
-        return "masking report: clean"
-    return "\n".join([f"masking report: {len(flags)} flag(s)"] + [f"- {f}" for f in flags])
+    lines = ([f"masking report: {len(flags)} flag(s)"] + [f"- {f}" for f in flags] if flags
+             else ["masking report: clean"])
+    if result.get("save_error"):
+        lines.append(f"not saved: {result['save_error']}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- curves, tables

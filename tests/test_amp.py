@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixlab.methods import get_method
+from mixlab.config import resolve_config
+from mixlab.methods import AttackSpec, get_method
+from mixlab.methods import amp as amp_mod
 from mixlab.methods.amp import amp_loss, amp_perturb, geo_weight, mix
 from mixlab.methods.mixup import mixup_criterion, mixup_data
 from mixlab.models import build_model
 from mixlab.paths import image_strip, interpolation_path, path_points
-from mixlab.train import CheckpointError, load_run, train
+from mixlab.train import CheckpointError, check_compatible, load_checkpoint, load_run, train
 
 B, K = 8, 10
 
@@ -89,8 +91,9 @@ def test_eps0_equals_mixup_loss(net, batch):
 
 def test_method_loss_backpropagates_and_logs(net, batch):
     x, y, _, _ = batch
-    method = get_method("amp")(num_train=20, num_classes=K, epochs=1, steps=2, lam_opt=True,
-                               geo_label=True, clean_weight=0.3)
+    method = get_method("amp")(num_train=20, num_classes=K, epochs=1,
+                               attack=AttackSpec(steps=2), lam_opt=True, geo_label=True,
+                               clean_weight=0.3)
     idx = torch.arange(3, 3 + B)
     loss, logits = method.loss(net, x, y, idx, epoch=0)
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -109,13 +112,42 @@ def test_bf16_autocast_and_channels_last(net, batch):
     x, y, _, _ = batch
     net = net.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
-    method = get_method("amp")(num_train=B, num_classes=K, epochs=1, steps=2, lam_opt=True,
-                               geo_label=True, clean_weight=0.5)
+    method = get_method("amp")(num_train=B, num_classes=K, epochs=1,
+                               attack=AttackSpec(steps=2), lam_opt=True, geo_label=True,
+                               clean_weight=0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = method.loss(net, x, y, torch.arange(B), epoch=0)
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_threat_model_comes_from_attack_and_alpha_is_beta_only(net, batch, monkeypatch):
+    """The endpoints' balls, the PGD step and steps are the method's ``attack``; ``alpha`` is
+    the Beta(α, α) concentration of λ and nothing else (it was ``mix_alpha``)."""
+    x, y, _, _ = batch
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return amp_loss(*args, **kwargs)
+    monkeypatch.setattr(amp_mod, "amp_loss", spy)
+    attack = AttackSpec(eps=0.5, step_size=0.1, steps=2, norm="L2")
+    method = get_method("amp")(num_train=B, num_classes=K, epochs=1, attack=attack, alpha=0.4)
+    method.loss(net, x, y, torch.arange(B), epoch=0)
+    (kw,) = seen
+    assert (kw["eps"], kw["step_size"], kw["steps"], kw["norm"]) == (0.5, 0.1, 2, "L2")
+    assert "alpha" not in kw and method.hp["alpha"] == 0.4
+    for name in ("mix_alpha", "eps", "step_size", "steps", "norm"):
+        with pytest.raises(ValueError, match=name):
+            get_method("amp")(num_train=B, num_classes=K, epochs=1, **{name: 1})
+    with pytest.raises(ValueError, match="amp.alpha"):
+        get_method("amp")(num_train=B, num_classes=K, epochs=1, alpha=0.0)
+    # resolved: the engine's step size and the Beta concentration never meet
+    cfg = resolve_config(method="amp", step_size=0.01, method_hp={"alpha": 0.3})
+    assert cfg["step_size"] == 0.01 and cfg["method_hp"]["alpha"] == 0.3
+    assert resolve_config(method="amp", step_size=0.01)["method_hp"]["alpha"] == 1.0
+    assert resolve_config(method="amp", method_hp={"alpha": 0.3})["step_size"] == 8 / 255 / 4
 
 
 def test_path_probe_endpoints_and_worst_case(net, batch):
@@ -142,12 +174,15 @@ def test_path_probe_endpoints_and_worst_case(net, batch):
 
 def test_amp_smoke_training_lowers_loss(tmp_path):
     _, history = train(method="amp", dataset="synthetic", model="tiny", epochs=3,
-                       batch_size=64, train_subset=512, test_subset=64, eval_steps=0,
-                       steps=2, lr=0.05, schedule="constant", lam_opt=True, geo_label=True,
+                       batch_size=64, train_subset=512, eval_subset=64, eval_steps=0,
+                       steps=2, lr=0.05, schedule="constant",
+                       method_hp={"lam_opt": True, "geo_label": True},
                        device="cpu", quiet=True, run_dir=str(tmp_path / "run"))
     losses = [h["train_loss"] for h in history]
     assert losses[-1] < losses[0], losses
-    run = load_run(tmp_path / "run")
+    # eval_steps=0: no val_robust, amp's best metric, so no best.pt: the last epoch is loaded
+    run = load_run(tmp_path / "run", which="last")
+    assert run.config["method_hp"]["lam_opt"] is True and run.config["steps"] == 2
     arrays = run.method_arrays()
     assert len(arrays) == 3 and "lam_star" in arrays[0]
 
@@ -168,14 +203,18 @@ def test_cifar100_through_the_same_code(tmp_path):
     _write_cifar100(tmp_path / "data")
     run_dir = tmp_path / "run"
     train(method="amp", dataset="cifar100", model="tiny", epochs=1, batch_size=64,
-          test_subset=64, eval_steps=0, steps=1, lam_opt=True, device="cpu", quiet=True,
-          data_root=str(tmp_path / "data"), run_dir=str(run_dir))
-    run = load_run(run_dir, num_classes=100)
+          val_size=64, eval_steps=0, steps=1, method_hp={"lam_opt": True}, device="cpu",
+          quiet=True, data_root=str(tmp_path / "data"), run_dir=str(run_dir))
+    run = load_run(run_dir, which="last", num_classes=100)
     assert run.model.num_classes == 100
     with pytest.raises(CheckpointError, match="100 classes"):
-        load_run(run_dir, num_classes=10)
-    # resuming a CIFAR-100 checkpoint on 10-class data is refused with the class counts named
-    with pytest.raises(CheckpointError, match="trained for 100 classes but the data has 10"):
+        load_run(run_dir, which="last", num_classes=10)
+    # continuing a CIFAR-100 run on 10-class data is refused, the difference named ...
+    with pytest.raises(CheckpointError, match="dataset: 'cifar100' -> 'synthetic'"):
         train(method="amp", dataset="synthetic", model="tiny", epochs=2, batch_size=64,
-              train_subset=128, test_subset=64, eval_steps=0, steps=1, device="cpu",
+              train_subset=128, val_size=64, eval_steps=0, steps=1, device="cpu",
               quiet=True, run_dir=str(run_dir))
+    # ... and its checkpoint does not fit a 10-class model, with the class counts named
+    with pytest.raises(CheckpointError, match="trained for 100 classes but the data has 10"):
+        check_compatible(load_checkpoint(run_dir / "last.pt"), arch="tiny", num_classes=10,
+                         in_channels=3)

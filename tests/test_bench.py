@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mixlab import bench
-from mixlab.methods import METHODS, Method
+from mixlab.methods import METHODS, AttackSpec, Method
 
 CORE_ROWS = ("ceiling", "reference", "erm", "mixup", "pgd_at", "data_path")
 
@@ -78,11 +78,14 @@ def test_table_names_every_row(quick, capsys):
 
 
 class _Probe(Method):
-    """A method the bench has never heard of: it must become a row with the bench's PGD steps."""
+    """A method the bench has never heard of: it must become a row with its own
+    hyperparameters and the bench's threat model (PGD steps) as its ``attack``."""
     name = "bench_probe"
-    defaults = {"steps": 7, "eps": 8 / 255}   # 7: the bench must override it with pgd_steps
+    defaults = {"width": 7}   # its own hyperparameter: no name shared with the engine's
+    attacks_seen: list = []   # the AttackSpec of every step, read by the test
 
     def loss(self, model, x, y, idx, *, epoch):
+        type(self).attacks_seen.append(self.attack)
         logits = model(x)
         return F.cross_entropy(logits.float(), y), logits
 
@@ -98,6 +101,7 @@ class _Broken(Method):
 def test_new_methods_are_picked_up_and_failures_recorded(monkeypatch, tmp_path):
     monkeypatch.setitem(METHODS, "bench_probe", _Probe)
     monkeypatch.setitem(METHODS, "bench_broken", _Broken)
+    monkeypatch.setattr(_Probe, "attacks_seen", [])
     torch.set_num_threads(2)  # the bench runs on one CPU thread and gives the setting back
     result = bench.run_bench(quick=True, dataset="synthetic", train_n=128, batch_size=16,
                              steps=1, pgd_steps=2,
@@ -106,8 +110,11 @@ def test_new_methods_are_picked_up_and_failures_recorded(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     rows = result["rows"]
     assert list(rows) == ["ceiling", "pgd_at", "bench_broken", "bench_probe"]
-    assert rows["bench_probe"]["hp"]["steps"] == 2
-    assert rows["pgd_at"]["hp"]["steps"] == 2
+    # the method's own hyperparameters are its row's hp; the bench's PGD steps reach it only
+    # as attack.steps (pgd_at has no hyperparameters at all)
+    assert rows["bench_probe"]["hp"] == {"width": 7} and rows["pgd_at"]["hp"] == {}
+    assert _Probe.attacks_seen and {a.steps for a in _Probe.attacks_seen} == {2}
+    assert {a.eps for a in _Probe.attacks_seen} == {8 / 255}  # the dataset's threat model
     assert "half-written method" in rows["bench_broken"]["error"]
     assert result["ratios"]["vs_pgd_at"]["bench_probe"] > 0
     assert "bench_broken" not in result["ratios"]["vs_pgd_at"]
@@ -164,14 +171,15 @@ def test_pass_counts_are_the_cost_model_of_each_method():
     batch = bench.data_mod.Batch(x=x, y=y, idx=idx)
     off = torch.autocast("cpu", enabled=False)
 
-    def passes(name, **hp):
-        method = get_method(name)(num_train=8, num_classes=10, epochs=1, **hp)
+    def passes(name, steps=10, **hp):
+        method = get_method(name)(num_train=8, num_classes=10, epochs=1,
+                                  attack=AttackSpec(steps=steps), **hp)
         step = bench.method_step(method, model, opt, off, epoch=0)
         return bench.count_passes(step, iter([batch] * 2), model, steps=2)
 
     at = passes("pgd_at", steps=3)
     assert at == dict(train=1, attack=3, probe=0, backward=4, forward_equivalents=9)
-    mma = passes("mma", steps=3, search_steps=4)
+    mma = passes("mma", steps=3, search_steps=4)  # AN-PGD's steps are attack.steps
     assert mma == dict(train=2, attack=3, probe=5, backward=5, forward_equivalents=17)
     assert passes("erm")["forward_equivalents"] == 3
     rows = {"pgd_at": {"img_per_s": 10.0, "passes": at}, "mma": {"img_per_s": 5.0, "passes": mma}}

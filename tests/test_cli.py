@@ -1,4 +1,5 @@
 """The command line: a real training run, evaluation, info, and one clear error per bad input."""
+import json
 import subprocess
 import sys
 
@@ -24,13 +25,16 @@ def test_train_then_eval(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--dataset", "imagenet", "--run-dir", "x"], "unknown dataset"),
-    (["train", "--method", "nope", "--run-dir", "x"], "unknown method"),
+    (["train", "--dataset", "imagenet", "--run-dir", "x"], "dataset='imagenet'"),
+    (["train", "--method", "nope", "--run-dir", "x"], "'nope'"),
     (["train", "--model", "resnet1000", "--dataset", "synthetic", "--profile", "smoke",
       "--run-dir", "{tmp}/m"], "unknown model"),
     (["train", "--eps", "8", "--run-dir", "x"], "pixel space"),
     (["train", "--set", "gamma=2", "--run-dir", "x"], "unknown setting"),
-    (["eval", "--checkpoint", "{tmp}/missing"], "no checkpoint"),
+    (["train", "--method", "mixup", "--set", "alpha=0.5", "--run-dir", "x"], "mixup.alpha"),
+    (["train", "--method", "mixup", "--set", "mixup.step_size=0.1", "--run-dir", "x"],
+     "engine setting"),
+    (["eval", "--checkpoint", "{tmp}/missing"], "checkpoint at"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -54,3 +58,45 @@ def test_help_and_info_as_subprocess():
         assert result.returncode == 0 and "usage" in result.stdout
     info = run_cli("info")
     assert info.returncode == 0 and "torch" in info.stdout and "data root" in info.stdout
+
+
+# a 1-epoch mixup run on 128 synthetic images, no robust evaluation: a few seconds
+SHORT_RUN = ["train", "--method", "mixup", "--dataset", "synthetic", "--profile", "smoke",
+             "--epochs", "1", "--set", "train_subset=128", "--set", "eval_steps=0",
+             "--set", "quiet=true"]
+
+
+def dry_run(capsys, *args):
+    assert main([*args, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    return captured.out, json.loads(captured.out)
+
+
+def test_dry_run_prints_exactly_the_config_json_of_the_run(tmp_path, capsys):
+    args = [*SHORT_RUN, "--run-dir", str(tmp_path / "run"), "--set", "mixup.alpha=0.5"]
+    text, printed = dry_run(capsys, *args)
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+    assert main(args) == 0
+    saved = (tmp_path / "run" / "config.json").read_text()
+    assert json.loads(saved) == printed
+    assert saved.strip() == text.strip()
+    assert printed["method"] == "mixup" and printed["epochs"] == 1
+    assert printed["method_hp"] == {"alpha": 0.5, "per_example": False}
+
+
+def test_set_method_key_lands_in_method_hp_only(capsys):
+    _, cfg = dry_run(capsys, *SHORT_RUN, "--set", "mixup.alpha=0.5")
+    assert cfg["method_hp"]["alpha"] == 0.5
+    assert "alpha" not in cfg and cfg["step_size"] == cfg["eps"] / 4  # the engine's, untouched
+    _, cfg = dry_run(capsys, *SHORT_RUN, "--set", "step_size=0.01")
+    assert cfg["step_size"] == 0.01 and cfg["method_hp"]["alpha"] == 1.0
+
+
+def test_set_for_another_method_is_one_error_line(capsys):
+    assert main([*SHORT_RUN, "--set", "amp.alpha=1", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixlab: error:"), err
+    assert "amp.alpha" in err[0] and "mixup" in err[0]
+    assert captured.out == ""

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from mixlab.attacks import pgd
-from mixlab.methods import get_method
+from mixlab.config import resolve_config
+from mixlab.methods import AttackSpec, get_method
 from mixlab.attacks import early_stopped_pgd, tau_at
 from mixlab.methods.gairat import gair_weights, lam_at
 from mixlab.train import train
@@ -94,12 +95,50 @@ def test_lambda_schedules_and_burn_in():
 
 def test_method_refuses_bad_settings_at_construction():
     cls = get_method("gairat")
-    with pytest.raises(ValueError, match="finite lam_max"):
-        cls(num_train=8, num_classes=10, epochs=5, lam_schedule="linear", begin_epoch=1)
+    with pytest.raises(ValueError, match="finite gairat.gair_lambda_max"):
+        cls(num_train=8, num_classes=10, epochs=5, gair_lambda_schedule="linear",
+            begin_epoch=1)
+    # ... and before anything runs, where settings are resolved (--dry-run shows it)
+    with pytest.raises(ValueError, match="gair_lambda_max"):
+        resolve_config(method="gairat", method_hp={"gair_lambda_schedule": "linear"})
+    ok = cls(num_train=8, num_classes=10, epochs=5, gair_lambda_schedule="linear",
+             gair_lambda_max=3.0, begin_epoch=1)
+    assert ok.lam_for(4) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="weight_fn"):
         cls(num_train=8, num_classes=10, epochs=5, weight_fn="relu")
     with pytest.raises(ValueError, match="tau"):
         get_method("fat")(num_train=8, num_classes=10, epochs=5, tau=(0, 1))
+
+
+@pytest.mark.parametrize("name", ["gairat", "gair_fat"])
+def test_renamed_and_engine_names_are_not_hyperparameters(name):
+    """λ is ``gair_lambda`` (``lam`` would read as mixup's λ); K, eps, the step and the norm
+    are the engine's threat model, the method's ``attack``."""
+    cls = get_method(name)
+    for old in ("lam", "lam_schedule", "lam_max", "steps", "eps", "step_size", "norm"):
+        with pytest.raises(ValueError, match=old):
+            cls(num_train=8, num_classes=10, epochs=5, **{old: 1})
+    assert {"gair_lambda", "gair_lambda_schedule", "gair_lambda_max"} <= set(cls.defaults)
+    with pytest.raises(ValueError, match="engine setting"):
+        resolve_config(method=name, method_hp={"steps": 3})
+    cfg = resolve_config(method=name, steps=3, method_hp={"gair_lambda": -2.0})
+    assert cfg["steps"] == 3 and cfg["method_hp"]["gair_lambda"] == -2.0
+
+
+def test_kappa_range_and_weights_follow_attack_steps():
+    """GAIRAT's K (the range of κ and the weights' ⌊K/2⌋) is attack.steps."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    method = get_method("gairat")(num_train=16, num_classes=10, epochs=2, begin_epoch=1,
+                                  attack=AttackSpec(steps=3))
+    x_adv, kappa = method.adversarial_points(model, x, y, epoch=0)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    assert kappa.min() >= 0 and kappa.max() <= 3
+    method.loss(model, x, y, torch.arange(16), epoch=0)
+    log = method.epoch_end(0)
+    assert int(log["steps"]) == 3 and log["kappa"].max() <= 3
+    expected = gair_weights(torch.from_numpy(log["kappa"]).long(), 3, -1.0)
+    np.testing.assert_allclose(log["weight"].astype(np.float32), expected.numpy(), rtol=2e-3)
 
 
 def test_tau_schedule():
@@ -163,12 +202,13 @@ def test_fat_never_fooled_returns_the_last_iterate_and_stays_in_the_ball():
 
 # ----------------------------------------------------------------------------- training
 TINY = dict(dataset="synthetic", model="tiny", epochs=3, batch_size=64, train_subset=256,
-            test_subset=64, lr=0.05, schedule="onecycle", warmup=0.3, steps=3, eval_steps=2,
+            eval_subset=64, lr=0.05, schedule="onecycle", warmup=0.3, steps=3, eval_steps=2,
             device="cpu", quiet=True)
 
 
 def test_gairat_smoke_training_lowers_the_loss_and_logs_kappa(tmp_path):
-    _, history = train(method="gairat", begin_epoch=2, run_dir=str(tmp_path), **TINY)
+    _, history = train(method="gairat", method_hp={"begin_epoch": 2}, run_dir=str(tmp_path),
+                       **TINY)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     logs = [dict(np.load(f)) for f in sorted((tmp_path / "method").glob("epoch_*.npz"))]
     assert len(logs) == 3
@@ -188,9 +228,9 @@ def test_gairat_smoke_training_lowers_the_loss_and_logs_kappa(tmp_path):
 @pytest.mark.parametrize("name", ["gair_fat", "fat"])
 def test_fat_variants_train(name):
     _, history = train(method=name, **{**TINY, "epochs": 2, "train_subset": 128},
-                       **({"begin_epoch": 1} if name == "gair_fat" else {}))
+                       method_hp={"begin_epoch": 1} if name == "gair_fat" else None)
     assert np.isfinite(history[-1]["train_loss"])
-    assert 0 <= history[-1]["test_robust"] <= history[-1]["test_clean"]
+    assert 0 <= history[-1]["val_robust"] <= history[-1]["val_clean"]
 
 
 @pytest.mark.gpu

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from mixlab.attacks import boundary_bisection, cw_margin, slm_margin
 from mixlab.margins import estimate_margin, run_margins
-from mixlab.methods import get_method
-from mixlab.methods.mma import MMA, PRESETS, anpgd, mma_loss
+from mixlab.methods import AttackSpec, get_method
+from mixlab.methods.mma import MMA, PRESETS, THREATS, anpgd, mma_loss
 from mixlab.models import build_model
 from mixlab.train import load_checkpoint, resolve_config, train
 
@@ -200,7 +200,8 @@ def test_mma_step_on_tiny_net(norm, bf16):
     torch.manual_seed(0)
     model = build_model("tiny", 10, 3).train()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    method = get_method("mma")(num_train=40, num_classes=10, epochs=1, norm=norm, steps=2)
+    attack = AttackSpec(norm=norm, eps={"Linf": 8 / 255, "L2": 0.5}[norm], steps=2)
+    method = get_method("mma")(num_train=40, num_classes=10, epochs=1, attack=attack)
     idx = torch.arange(10, 26)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss, logits = method.loss(model, x, y, idx, epoch=0)
@@ -224,7 +225,7 @@ def test_mma_step_on_cuda_bf16_channels_last_without_host_syncs():
     x = torch.rand(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (32,), device="cuda")
     idx = torch.arange(32, device="cuda")
-    method = MMA(num_train=64, num_classes=10, epochs=1, steps=3)
+    method = MMA(num_train=64, num_classes=10, epochs=1, attack=AttackSpec(steps=3))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         method.loss(model, x, y, idx, epoch=0)  # the first call moves the stored eps over
         torch.cuda.synchronize()
@@ -247,7 +248,7 @@ def test_load_state_dict_rejects_other_data():
 # ----------------------------------------------------------------------------- engine
 # big steps on few examples, so that some become confidently correct (SLM < 0) in one epoch
 SMOKE = dict(method="mma", dataset="synthetic", profile="smoke", train_subset=128,
-             test_subset=32, val_size=32, epochs=2, steps=2, batch_size=16, lr=0.3,
+             eval_subset=32, val_size=32, epochs=2, steps=2, batch_size=16, lr=0.3,
              schedule="constant", quiet=True)
 
 
@@ -280,7 +281,7 @@ def test_eps_survives_checkpoint_and_resume(tmp_path, monkeypatch):
 def test_mma_smoke_training_runs(tmp_path):
     model, history = train(run_dir=str(tmp_path), **{**SMOKE, "norm": "L2", "epochs": 1})
     record = history[-1]
-    assert np.isfinite(record["train_loss"]) and 0 <= record["mean_margin"] <= 1.05 * 2.0
+    assert np.isfinite(record["train_loss"]) and 0 <= record["val_mean_margin"] <= 1.05 * 2.0
     assert (tmp_path / "best.pt").exists()
     arrays = np.load(tmp_path / "method" / "epoch_001.npz")
     assert arrays["eps"].shape == (128,) and float(arrays["d_max"]) == pytest.approx(2.0)
@@ -289,14 +290,21 @@ def test_mma_smoke_training_runs(tmp_path):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_resolve(name):
     for profile, kwargs in PRESETS[name].items():
+        assert "method_hp" not in kwargs and not set(kwargs) & set(MMA.defaults), \
+            "presets hold engine settings only; d_max and mineps follow from THREATS"
         cfg = resolve_config(**kwargs)
         assert cfg["method"] == "mma" and cfg["profile"] == profile
-        assert cfg["method_hp"]["d_max"] is not None and cfg["norm"] == kwargs["norm"]
+        assert cfg["norm"] == kwargs["norm"]
+        threat = THREATS[(kwargs["dataset"], kwargs["norm"])]
+        assert {k: cfg["method_hp"][k] for k in ("d_max", "mineps")} == threat
+        # the AN-PGD steps are the engine's `steps`, never a hyperparameter of the method
+        assert "steps" not in cfg["method_hp"]
+        assert "steps" not in kwargs or cfg["steps"] == kwargs["steps"]
     paper = resolve_config(**PRESETS[name]["paper"])
     if name.startswith("cifar10"):  # 50k steps of batch 128 on 45k images
         assert paper["model"] == "wrn-28-4" and paper["val_size"] == 5000
         assert abs(paper["epochs"] * (45_000 // 128) - 50_000) < 400
     else:  # 100k steps of batch 50 on 55k images
         assert paper["model"] == "lenet5-madry" and paper["optimizer"] == "adam"
-        assert paper["method_hp"]["steps"] == 40
+        assert paper["steps"] == 40 and "steps" not in paper["method_hp"]
         assert abs(paper["epochs"] * (55_000 // 50) - 100_000) < 1100

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mixlab import attacks
 from mixlab.data import DeviceLoader, synthetic_dataset
-from mixlab.methods import METHODS, Method, get_method
+from mixlab.methods import METHODS, AttackSpec, Method, get_method
 from mixlab.methods.mma import anpgd
 from mixlab.models import build_model
 from mixlab.sync import HostSyncError, no_host_sync
@@ -53,7 +53,8 @@ def test_every_method_step_is_free_of_host_syncs(name, bf16, tiny):
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(
             memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    method = get_method(name)(num_train=8, num_classes=10, epochs=4)
+    # the engine's threat model, as train() passes it (3 PGD steps: enough to loop)
+    method = get_method(name)(num_train=8, num_classes=10, epochs=4, attack=AttackSpec(steps=3))
     for epoch in (0, 3):
         with no_host_sync(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, _ = method.loss(model, x, y, torch.arange(8), epoch=epoch)

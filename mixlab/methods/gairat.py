@@ -145,6 +145,13 @@ class GAIRAT(Method):
         if hp["gair_lambda_schedule"] not in LAM_SCHEDULES:
             raise ValueError(f"{cls.name}.gair_lambda_schedule={hp['gair_lambda_schedule']!r} "
                              f"is not one of {list(LAM_SCHEDULES)}")
+        lam_max = hp["gair_lambda_max"]
+        if hp["gair_lambda_schedule"] == "linear" and (lam_max is None or isinstance(
+                lam_max, bool) or not isinstance(lam_max, (int, float))
+                or not math.isfinite(lam_max)):
+            raise ValueError(f"{cls.name}.gair_lambda_schedule='linear' needs a finite "
+                             f"{cls.name}.gair_lambda_max (the λ it starts from), got "
+                             f"{lam_max!r}")
         if isinstance(hp["begin_epoch"], bool) or not isinstance(hp["begin_epoch"], int) \
                 or hp["begin_epoch"] < 1:
             raise ValueError(f"{cls.name}.begin_epoch={hp['begin_epoch']!r} must be a whole "

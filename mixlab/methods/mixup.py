@@ -26,9 +26,11 @@ def sample_lam(alpha: float, n: int, device: torch.device) -> torch.Tensor:
     if not alpha > 0:
         raise ValueError(f"mixup alpha={alpha!r} must be > 0 (Beta(alpha, alpha)); "
                          f"for no mixing train with method='erm'")
-    a = torch.tensor(float(alpha), device=device)
+    # float64: torch's float32 Beta sampler returns exactly 0.5 for a large share of draws at
+    # small alpha (about a quarter at alpha = 1e-3) instead of values near 0 or 1
+    a = torch.tensor(float(alpha), device=device, dtype=torch.float64)
     # validate_args=False: argument validation calls .all(), a host sync on CUDA
-    return torch.distributions.Beta(a, a, validate_args=False).sample((n,))
+    return torch.distributions.Beta(a, a, validate_args=False).sample((n,)).float()
 
 
 def mixup_data(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor):
