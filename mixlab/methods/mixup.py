@@ -26,11 +26,14 @@ def sample_lam(alpha: float, n: int, device: torch.device) -> torch.Tensor:
     if not alpha > 0:
         raise ValueError(f"mixup alpha={alpha!r} must be > 0 (Beta(alpha, alpha)); "
                          f"for no mixing train with method='erm'")
-    # float64: torch's float32 Beta sampler returns exactly 0.5 for a large share of draws at
-    # small alpha (about a quarter at alpha = 1e-3) instead of values near 0 or 1
-    a = torch.tensor(float(alpha), device=device, dtype=torch.float64)
+    # Beta(α, α) = G_1 / (G_1 + G_2) with G_i ~ Gamma(α), drawn in log space: at small α the
+    # gamma draws underflow to 0 (torch's own Beta then returns exactly 0.5 for about a quarter
+    # of the draws at α = 1e-3). log G(α) = log G(α + 1) + log(U) / α (Marsaglia & Tsang).
     # validate_args=False: argument validation calls .all(), a host sync on CUDA
-    return torch.distributions.Beta(a, a, validate_args=False).sample((n,)).float()
+    shape = torch.full((2, n), float(alpha) + 1.0, device=device, dtype=torch.float64)
+    log_g = (torch.distributions.Gamma(shape, 1.0, validate_args=False).sample().log()
+             + torch.rand(2, n, device=device, dtype=torch.float64).log() / float(alpha))
+    return torch.sigmoid(log_g[0] - log_g[1]).float()
 
 
 def mixup_data(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor):
