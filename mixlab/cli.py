@@ -60,8 +60,20 @@ def _float(text: str) -> float:
     return value
 
 
+class UsageError(ValueError):
+    """A command line that argparse cannot parse (unknown flag, bad choice, missing value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises :class:`UsageError` (one line, exit 2 from
+    ``main``) instead of printing the usage text and exiting; ``--help`` is unchanged."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mixlab", description=__doc__.split("\n")[0])
+    p = _Parser(prog="mixlab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     from .config import describe_settings
@@ -135,6 +147,11 @@ def train_settings(args) -> tuple[dict[str, Any], dict[str, Any]]:
     method_hp: dict[str, Any] = {}
     for item in args.set:
         owner, key, value = parse_assignment(item)
+        if owner is None and key in ("method", "run_dir"):
+            # --method also picks which METHOD.KEY names are accepted, --run-dir is required:
+            # a --set of either would bypass that
+            raise ValueError(f"--set {item!r}: give the {key} with --{key.replace('_', '-')}, "
+                             f"not --set")
         if owner is None:
             config[key] = literal_value(value)
         elif owner != args.method:
@@ -160,11 +177,24 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from . import data as data_mod
-    from .evaluate import evaluate, format_table
+    from .attacks import check_eps
+    from .evaluate import ATTACKS, evaluate, format_table
     from .train import load_run, pick_device
+    if args.n < 0:
+        raise ValueError(f"--n {args.n} must be >= 0 (test examples; 0: all)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown or not attacks:
+        what = f"unknown attack(s) {unknown}" if unknown else "names no attack"
+        raise ValueError(f"--attacks {args.attacks!r}: {what}; choose from {','.join(ATTACKS)}")
     device = pick_device(args.device)
     run = load_run(args.checkpoint, which=args.which, device=device)
     cfg = run.config
+    eps = args.eps if args.eps is not None else cfg["eps"]
+    norm = args.norm or cfg["norm"]
+    check_eps(eps, norm)  # before the test set is read
     test = data_mod.load_dataset(cfg["dataset"], "test", root=cfg.get("data_root"))
     if test.num_classes != run.model.num_classes:
         raise ValueError(f"the checkpoint has {run.model.num_classes} classes, "
@@ -172,10 +202,8 @@ def cmd_eval(args) -> None:
     if args.n:
         test = test.subset(args.n, seed=0)
     test = test.to(device)
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     results = evaluate(run.model, test.x.float() / 255, test.y, attacks=attacks,
-                       eps=args.eps if args.eps is not None else cfg["eps"],
-                       norm=args.norm or cfg["norm"], batch_size=args.batch_size,
+                       eps=eps, norm=norm, batch_size=args.batch_size,
                        run_dir=run.path, name="eval_cli")
     print(format_table({cfg["method"]: results}))
     for w in results["warnings"]:
@@ -236,19 +264,24 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "download": 
             "prepare": cmd_prepare}
 
 
+def _one_line(err: BaseException) -> str:
+    """The message on one line (a config difference lists one setting per line)."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     from .train import CheckpointError, NonFiniteLossError
     from .data import DataError
     try:
+        args = _parser().parse_args(argv)
         COMMANDS[args.command](args)
     except NonFiniteLossError as err:
-        print(f"mixlab: error: {err}", file=sys.stderr)
+        print(f"mixlab: error: {_one_line(err)}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError) as err:
+    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError, OSError) as err:
         if os.environ.get("MIXLAB_TRACEBACK"):
             raise
-        print(f"mixlab: error: {err}", file=sys.stderr)
+        print(f"mixlab: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

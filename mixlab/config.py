@@ -29,7 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 from . import data as data_mod
 from .attacks import NORMS
@@ -138,6 +141,11 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
+def _is_number(value: Any) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_setting(key: str, value: Any, *, where: str = "setting") -> Any:
     """Check one engine setting; returns it normalised (tuples become lists, ints allowed for
     floats). Raises ValueError/TypeError naming the setting, the value and what is allowed."""
@@ -152,14 +160,15 @@ def check_setting(key: str, value: Any, *, where: str = "setting") -> Any:
         if not isinstance(value, bool):
             raise TypeError(f"{where} {key}={_fmt(value)} must be true or false")
     elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
                 raise TypeError(f"{where} {key}={_fmt(value)} must be a whole number "
                                 f"({spec.help})")
+        value = int(value)  # numpy integers too; config.json holds plain numbers
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value):
             raise TypeError(f"{where} {key}={_fmt(value)} must be a number ({spec.help})")
         value = float(value)
         if not math.isfinite(value):
@@ -169,8 +178,7 @@ def check_setting(key: str, value: Any, *, where: str = "setting") -> Any:
             raise TypeError(f"{where} {key}={_fmt(value)} must be a string ({spec.help})")
     elif kind == "floats":
         if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in value):
+                _is_number(v) and math.isfinite(v) for v in value):
             raise TypeError(f"{where} {key}={_fmt(value)} must be a list of finite numbers, "
                             f"e.g. {spec.default}")
         value = [float(v) for v in value]
@@ -200,6 +208,9 @@ def _check_combination(cfg: dict[str, Any]) -> None:
     if cfg["eval_subset"] is not None and cfg["val_size"] == 0:
         raise ValueError(f"eval_subset={cfg['eval_subset']} needs a validation split to draw "
                          f"from; set val_size > 0 or eval_subset=None")
+    for key in ("run_dir", "data_root"):
+        if cfg[key] is not None and not cfg[key].strip():
+            raise ValueError(f"{key}={cfg[key]!r} is empty; give a folder (or None)")
     if cfg["stop_after"] is not None and cfg["stop_after"] > cfg["epochs"]:
         raise ValueError(f"stop_after={cfg['stop_after']} is beyond epochs={cfg['epochs']}")
     from .models import canonical_name

@@ -21,7 +21,8 @@ lost or repeated:
 
 A directory that holds a run with other settings is never resumed or relabelled (the difference
 is shown; ``overwrite=True`` replaces it), and a finished run is never replaced without
-``overwrite=True``.
+``overwrite=True``: training it again rewrites none of its files. The temporary files of a
+writer killed mid-write (``.last.pt.*.tmp``) are removed by the next training that takes the lock.
 
 >>> model, history = train(dataset="cifar10", method="pgd_at", profile="short", run_dir="runs/at")
 >>> model, history = train(method="mixup", method_hp={"alpha": 0.2}, profile="smoke")
@@ -31,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -67,6 +69,9 @@ def pick_device(name: str) -> torch.device:
     """'auto' means CUDA when present, else CPU; asking for CUDA without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, (str, torch.device)) or (isinstance(name, str) and not (
+            name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()))):
+        raise ValueError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device; "
@@ -282,6 +287,21 @@ def _read_json(path: Path) -> Any:
                               f"pass overwrite=True") from err
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """A run directory is a folder (or does not exist yet): refused before anything is read."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a folder; pass a folder "
+                         f"for the run's config, metrics and checkpoints")
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temporary files of writers that were killed before their rename (``.last.pt.*.tmp``,
+    see ``mixlab.fileio``). The caller holds the lock, so no live writer owns one."""
+    for folder in (run_dir, run_dir / "method"):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+
+
 def _prepare_run_dir(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
     """Decide what happens to an existing run directory (the caller holds its lock).
 
@@ -316,7 +336,7 @@ def _prepare_run_dir(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any] | Non
 def _sync_run_files(run_dir: Path, ckpt: dict[str, Any], best_metric: str) -> None:
     """After a kill: make metrics.jsonl and best.pt agree with last.pt (the source of truth)."""
     history = ckpt["history"]
-    _write_metrics(run_dir, history)
+    _write_metrics(run_dir, history, only_if_changed=True)
     scores = [h.get(best_metric) for h in history]
     if any(v is not None for v in scores):
         best_epoch = max(range(len(scores)), key=lambda i: (scores[i] is not None,
@@ -328,9 +348,13 @@ def _sync_run_files(run_dir: Path, ckpt: dict[str, Any], best_metric: str) -> No
             atomic_torch_save(ckpt, run_dir / "best.pt")
 
 
-def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(record) + "\n" for record in history)
-    atomic_write_bytes(run_dir / "metrics.jsonl", text.encode())
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]], *,
+                   only_if_changed: bool = False) -> None:
+    data = "".join(json.dumps(record) + "\n" for record in history).encode()
+    path = run_dir / "metrics.jsonl"
+    if only_if_changed and path.is_file() and path.read_bytes() == data:
+        return
+    atomic_write_bytes(path, data)
 
 
 def train(*, method_hp: dict[str, Any] | None = None, **settings: Any):
@@ -345,6 +369,8 @@ def train(*, method_hp: dict[str, Any] | None = None, **settings: Any):
     set, the run directory is written as the module docstring describes.
     """
     cfg = resolve_config(method_hp=method_hp, **settings)
+    if cfg["run_dir"] is not None:
+        _check_run_dir(Path(cfg["run_dir"]))
     device = pick_device(cfg["device"])
     use_bf16 = device.type == "cuda" if cfg["bf16"] is None else cfg["bf16"]
     use_cl = device.type == "cuda" if cfg["channels_last"] is None else cfg["channels_last"]
@@ -380,13 +406,16 @@ def train(*, method_hp: dict[str, Any] | None = None, **settings: Any):
                     use_bf16, run_dir=None, ckpt=None)
     run_dir = Path(cfg["run_dir"])
     with RunLock(run_dir):
+        _remove_stale_temp_files(run_dir)
         ckpt = _prepare_run_dir(run_dir, cfg)
         if ckpt is not None:
             check_compatible(ckpt, arch=cfg["model"], num_classes=train_ds.num_classes,
                              in_channels=in_channels, where=str(run_dir / "last.pt"))
             _sync_run_files(run_dir, ckpt, method.best_metric)
-        atomic_write_json(run_dir / "config.json", cfg)
-        atomic_write_json(run_dir / "provenance.json", provenance(cfg, device, train_ds))
+        last_epoch = cfg["epochs"] if cfg["stop_after"] is None else cfg["stop_after"]
+        if ckpt is None or ckpt["epoch"] + 1 < last_epoch:  # a finished run keeps its records
+            atomic_write_json(run_dir / "config.json", cfg)
+            atomic_write_json(run_dir / "provenance.json", provenance(cfg, device, train_ds))
         return _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val_ds,
                     use_bf16, run_dir=run_dir, ckpt=ckpt)
 
@@ -531,6 +560,8 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     Checkpoints with non-finite weights are refused. num_classes, if given, must match."""
     if which not in ("best", "last"):
         raise ValueError(f"which={which!r} must be 'best' or 'last'")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r} must be a run directory or checkpoint file (str or Path)")
     path = Path(path)
     if path.is_file():
         ckpt_path = path
@@ -582,6 +613,7 @@ def train_or_load(*, run_dir: str | Path, which: str = "best",
     with other settings is refused with the difference (``overwrite=True`` replaces it)."""
     run_dir = Path(run_dir)
     wanted = resolve_config(run_dir=str(run_dir), method_hp=method_hp, **settings)
+    _check_run_dir(run_dir)
     done = False
     if (run_dir / "last.pt").exists() and not wanted["overwrite"]:
         ckpt = load_checkpoint(run_dir / "last.pt")
