@@ -178,7 +178,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from . import data as data_mod
     from .attacks import check_eps
-    from .evaluate import ATTACKS, evaluate, format_table
+    from .evaluate import ATTACKS, evaluate, format_report, format_table
     from .train import load_run, pick_device
     if args.n < 0:
         raise ValueError(f"--n {args.n} must be >= 0 (test examples; 0: all)")
@@ -205,10 +205,12 @@ def cmd_eval(args) -> None:
     results = evaluate(run.model, test.x.float() / 255, test.y, attacks=attacks,
                        eps=eps, norm=norm, batch_size=args.batch_size,
                        run_dir=run.path, name="eval_cli")
-    print(format_table({cfg["method"]: results}))
-    for w in results["warnings"]:
-        print("warning:", w)
-    print(f"(n={results['n']}, written to {run.path / 'eval_cli.json'})")
+    name = f"{cfg['method']} ({run.which}, epoch {run.epoch})"
+    print(format_table({name: results}))
+    print(format_report(results))
+    where = (f"written to {results['saved_to']}" if results.get("saved_to")
+             else f"NOT saved: {results.get('save_error', 'unknown error')}")
+    print(f"(n={results['n']} test images, {where})")
 
 
 def cmd_info(args) -> None:

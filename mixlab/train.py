@@ -575,9 +575,14 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
                 raise CheckpointError(
                     f"{path} was trained without a validation split (val_size=0), so no "
                     f"checkpoint was selected; load which='last'")
-            raise CheckpointError(f"{ckpt_path} does not exist (no epoch improved "
-                                  f"{cfg.get('method')}'s validation score yet); load "
-                                  f"which='last'")
+            metric = get_method(cfg["method"]).best_metric
+            if which == "best" and metric == "val_robust" and not cfg.get("eval_steps"):
+                raise CheckpointError(
+                    f"{path} was trained with eval_steps=0, so the robust validation accuracy "
+                    f"that selects {cfg['method']}'s best checkpoint was never computed; load "
+                    f"which='last', or train with eval_steps >= 1")
+            raise CheckpointError(f"{ckpt_path} does not exist (no epoch has a {metric} score "
+                                  f"yet); load which='last'")
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt["config"]
     if num_classes is not None and num_classes != ckpt["num_classes"]:

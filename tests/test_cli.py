@@ -21,7 +21,7 @@ def test_train_then_eval(tmp_path, capsys):
     assert main(["eval", "--checkpoint", run_dir, "--attacks", "clean,fgsm,pgd20",
                  "--n", "64"]) == 0
     out = capsys.readouterr().out
-    assert "| pgd_at |" in out and "n=64" in out
+    assert "| pgd_at (best, epoch " in out and "n=64" in out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -112,7 +112,7 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_run(tmp_path)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no run directory or checkpoint"):
         load_run(tmp_path / "missing")
 
 
