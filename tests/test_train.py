@@ -123,7 +123,7 @@ def test_nonfinite_loss_stops_and_saves(tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(dataset="imagenet"), "unknown dataset"),
+    (dict(dataset="imagenet"), "dataset='imagenet' is not one of"),
     (dict(method="trades"), "unknown method"),
     (dict(eps=8.0), "pixel space"),
     (dict(profile="huge"), "profile='huge' is not one of"),
