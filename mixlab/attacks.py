@@ -163,6 +163,22 @@ def _check_per_example_shape(value, name: str, batch: int) -> None:
                          f"example) or be 0-d, got shape {tuple(value.shape)}")
 
 
+def check_label_tensor(x: torch.Tensor, y, *, what: str = "example") -> None:
+    """y must be an int64 tensor (N,) of class indices, one per row of x, on x's device
+    (shape and dtype only: no host sync)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor of int64 labels, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        hint = ("hard labels are needed, e.g. y.argmax(1) of one-hot rows"
+                if y.is_floating_point() else "pass y.long()")
+        raise TypeError(f"y has dtype {y.dtype}; labels must be int64 class indices: {hint}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise ValueError(f"y has shape {tuple(y.shape)} for x of shape {tuple(x.shape)}; it "
+                         f"must be ({len(x)},), one label per {what}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} and x on {x.device}; move both to one device")
+
+
 def check_attack_inputs(x, y, *, eps, step_size=None, steps=None, norm: str = "Linf",
                         loss: str | Callable = "ce") -> None:
     """The boundary checks every attack runs (see the module docstring for which ones read
@@ -177,20 +193,10 @@ def check_attack_inputs(x, y, *, eps, step_size=None, steps=None, norm: str = "L
         hint = (": convert uint8 images with x.float() / 255" if x.dtype == torch.uint8
                 else ": convert with x.float()")
         raise TypeError(f"x has dtype {x.dtype}; attacks take float pixels in [0, 1]{hint}")
-    if x.dim() < 2:
-        raise ValueError(f"x has shape {tuple(x.shape)}; it needs a batch dimension, "
-                         f"(B, C, H, W) for images (use x[None] for one image)")
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor of int64 labels, got {type(y).__name__}")
-    if y.dtype != torch.int64:
-        hint = ("attacks need hard labels, not soft ones" if y.is_floating_point()
-                else "pass y.long()")
-        raise TypeError(f"y has dtype {y.dtype}; labels must be int64 class indices: {hint}")
-    if y.dim() != 1 or len(y) != len(x):
-        raise ValueError(f"y has shape {tuple(y.shape)} for x of shape {tuple(x.shape)}; it "
-                         f"must be ({len(x)},), one label per example")
-    if y.device != x.device:
-        raise ValueError(f"y is on {y.device} and x on {x.device}; move both to one device")
+    if x.dim() not in (2, 4):  # (B, d) points of the toy models or (B, C, H, W) images
+        raise ValueError(f"x has shape {tuple(x.shape)}; attacks take a batch of images "
+                         f"(B, C, H, W) or of points (B, d) (use x[None] for one image)")
+    check_label_tensor(x, y)
     check_eps(eps, norm, positive=True)
     _check_per_example_shape(eps, "eps", len(x))
     if step_size is not None:

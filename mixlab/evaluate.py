@@ -45,7 +45,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .attacks import PIXEL_TOL, _check_count, _is_number, check_eps, eval_mode, fgsm, pgd
+from .attacks import (PIXEL_TOL, _check_count, _is_number, check_eps, check_label_tensor,
+                      eval_mode, fgsm, pgd)
 from .fileio import atomic_write_text
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "pgd50", "cw20", "aa")
@@ -257,17 +258,7 @@ def _check_data(x, y) -> None:
                          f"(x[None] for one image)")
     if len(x) == 0:
         raise ValueError("x holds no images (N = 0): there is nothing to evaluate")
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be an int64 tensor of labels (N,), got {type(y).__name__}")
-    if y.dtype != torch.int64:
-        hint = ("evaluate needs hard labels, e.g. y.argmax(1) of one-hot rows"
-                if y.is_floating_point() else "pass y.long()")
-        raise TypeError(f"y has dtype {y.dtype}; labels must be int64 class indices: {hint}")
-    if y.dim() != 1 or len(y) != len(x):
-        raise ValueError(f"y has shape {tuple(y.shape)} for {len(x)} images; it must be "
-                         f"({len(x)},), one label per image")
-    if y.device != x.device:
-        raise ValueError(f"y is on {y.device} and x on {x.device}: move both to one device")
+    check_label_tensor(x, y, what="image")
     # one host sync each: evaluation is not a training step
     lo, hi = (float(v) for v in torch.aminmax(x))
     if math.isnan(lo) or math.isnan(hi):

@@ -343,11 +343,7 @@ ATTACK = [  # (attack, arguments, error type, text the message must contain)
     (fgsm, dict(eps="8/255"), TypeError, "'8/255'"),
 ]
 ATTACK_CASES = [pytest.param(*case, id=f"{case[0].__name__}:{case[3]}") for case in ATTACK] + [
-    pytest.param(pgd, dict(x=X[0], y=Y[:3]), ValueError, "(3, 32, 32)", id="pgd:unbatched image",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "attacks.py takes any x with a batch dimension, so one unbatched image "
-                     "(3, 32, 32) passes as 3 examples and fails inside the model with torch's "
-                     "batch-size message, which does not name x's shape"))),
+    pytest.param(pgd, dict(x=X[0], y=Y[:3]), ValueError, "(3, 32, 32)", id="pgd:unbatched image"),
 ]
 
 

@@ -304,7 +304,7 @@ BAD_INPUTS = {  # name: (overrides of a valid call from (x, y), exception, messa
     "numpy x": (lambda x, y: dict(x=x.numpy()), TypeError, r"ndarray"),
     "int32 y": (lambda x, y: dict(y=y.int()), TypeError, r"torch\.int32.*y\.long\(\)"),
     "soft y": (lambda x, y: dict(y=y.float()), TypeError, r"torch\.float32.*hard labels"),
-    "short y": (lambda x, y: dict(y=y[:-1]), ValueError, r"shape \(23,\) for 24 images"),
+    "short y": (lambda x, y: dict(y=y[:-1]), ValueError, r"shape \(23,\) for x of shape \(24, "),
     "label 10": (lambda x, y: dict(y=torch.where(torch.arange(24) == 5, 10, y)), ValueError,
                  r"label 10 .* 10 classes"),
     "label -1": (lambda x, y: dict(y=torch.where(torch.arange(24) == 5, -1, y)), ValueError,
