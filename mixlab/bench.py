@@ -808,7 +808,8 @@ def _run_bench(cfg: dict[str, Any]) -> dict[str, Any]:
                               traceback=traceback.format_exc(limit=4))
             print(f"bench: eval FAILED: {evaluation['error']}", file=sys.stderr)
     now = datetime.datetime.now()
-    prov = provenance(dict(profile="quick" if cfg["quick"] else None), device, bench.train_ds)
+    prov = provenance(dict(profile=None), device, bench.train_ds)  # no training profile
+    prov["bench_quick"] = bool(cfg["quick"])
     prov.update(_versions(device))
     if device.type != "cuda":  # platform.processor() is often empty on Linux
         cpu = prov["device_name"] or platform.machine()
