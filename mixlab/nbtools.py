@@ -245,7 +245,7 @@ def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
     the last), as rows ``"<name> (best, ep B)"`` and ``"<name> (last, ep L)"``. Each result is
     also written to the run folder as ``test_<which>.json``. ``run`` is the best checkpoint as
     ``train_or_load`` returns it; ``evaluate_kw`` go to ``evaluate`` (eps, norm, attacks, ...)."""
-    from .evaluate import evaluate
+    from .evaluate import evaluate, save_result
     from .train import load_run
 
     best = run if run.which == "best" else load_run(run.path, which="best", device=x.device)
@@ -255,6 +255,8 @@ def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
     rows[checkpoint_label(name, best)] = result
     if last.epoch != best.epoch:
         result = evaluate(last.model, x, y, run_dir=last.path, name="test_last", **evaluate_kw)
+    elif result["saved_to"]:  # the same checkpoint: its result is the last one's too
+        save_result(result, last.path / "test_last.json")
     rows[checkpoint_label(name, last)] = result
     return rows
 

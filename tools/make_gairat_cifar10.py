@@ -27,7 +27,6 @@ cells = [
          'epochs = None                    # None: the profile\'s',
          metadata={"tags": ["parameters"]}),
     code("%matplotlib inline\n"
-         "import math\n\n"
          "import matplotlib.pyplot as plt\n"
          "from matplotlib.ticker import MaxNLocator\n"
          "import numpy as np\n"
@@ -223,15 +222,19 @@ cells = [
     code("# the logged weights follow ω(κ; λ) normalised per batch, with the burn-in of the profile\n"
          "for m in reweighted:\n"
          "    checks.gairat_weights(runs[m])\n"
-         "# every row: above chance clean, AutoAttack not weaker than PGD-20, no masking flags (a few\n"
-         "# noisy ones pass in smoke: nbtools.tolerated_flags; the CW-20 gap of the reweighted\n"
-         "# methods is GAIRAT's known symptom, reported above, and passes too)\n"
-         "chance = 1 / test.num_classes\n"
+         "# every row: AutoAttack not weaker than PGD-20, no masking flags (a few noisy ones pass in\n"
+         "# smoke: nbtools.tolerated_flags; CW-20 and AutoAttack far below PGD-20 are the reweighted\n"
+         "# methods' known symptom, reported above, and pass too). Trained for real (short, paper): above chance\n"
+         "# clean (else an untrained model, or test images with other preprocessing or labels than\n"
+         "# training) and robust in the worst case over all attacks; smoke models, trained for\n"
+         "# seconds, can sit near chance on 64 test images\n"
+         "trained = profile != \"smoke\"\n"
          "for m, rows in by_method.items():\n"
-         "    allowed = nbtools.tolerated_flags(profile) + ([\"CW-20\"] if m in reweighted else [])\n"
-         "    for r in rows.values():  # trained for real (short, paper): robust in the worst case\n"
-         "        checks.evaluation(r, min_clean=chance + 0.05, allow_warnings=allowed,\n"
-         "                          min_robust=None if profile == \"smoke\" else 0.25)\n"
+         "    allowed = nbtools.tolerated_flags(profile) + ([\"CW-20 (\", \"AutoAttack (\"] if m in reweighted else [])\n"
+         "    for r in rows.values():\n"
+         "        checks.evaluation(r, allow_warnings=allowed,\n"
+         "                          min_clean=1 / test.num_classes + 0.05 if trained else None,\n"
+         "                          min_robust=0.25 if trained else None)\n"
          "print(\"all checks passed\")"),
 ]
 write_notebook(cells, "notebooks/gairat_cifar10.ipynb")

