@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test setup data browser notebooks bench device-pack clean help
 
 help:
-	@echo "make demo   - set up .venv and data, run notebooks/$(DEMO_NOTEBOOK).ipynb (profile: smoke on CPU, short on CUDA)"
+	@echo "make demo   - set up .venv and data, run notebooks/$(DEMO_NOTEBOOK).ipynb (profile: smoke on CPU, short on CUDA); figures in runs/figures"
 	@echo "make test   - set up .venv and data, run the test suite"
 	@echo "make notebooks - run every notebook with papermill in PROFILE"
 	@echo "make bench  - python -m mixlab.bench (quick on CPU)"
@@ -40,11 +40,17 @@ $(DATA_STAMP): | $(STAMP)
 	else echo "no offline data at $(SHARED_DATA): run '$(PY) -m mixlab download cifar10'"; fi
 	touch $(DATA_STAMP)
 
+# The demo writes only ignored files: the executed notebook, the runs (reused by a second
+# demo, evaluations included) and its figures and tables (in runs/figures, not the committed
+# figures/; DEMO_FIGURES=... to choose). CPU threads: MIXLAB_THREADS, 1 unless you set it.
+DEMO_FIGURES ?= $(CURDIR)/runs/figures
+demo: export MIXLAB_FIGURES = $(DEMO_FIGURES)
+demo: export MIXLAB_THREADS ?= 1
 demo: setup data
-	mkdir -p runs figures
+	mkdir -p runs "$(DEMO_FIGURES)"
 	$(VENV)/bin/papermill notebooks/$(DEMO_NOTEBOOK).ipynb runs/$(DEMO_NOTEBOOK).ipynb \
 	    -p profile $(PROFILE) --cwd notebooks
-	@echo "executed notebook: runs/$(DEMO_NOTEBOOK).ipynb; figures: figures/"
+	@echo "executed notebook: runs/$(DEMO_NOTEBOOK).ipynb; figures and tables: $(DEMO_FIGURES)"
 
 # The margin explorer's browser test drives Debian's Chromium with Playwright (no browser
 # download): install it once where we may (root with apt-get); elsewhere the test is skipped

@@ -6,6 +6,12 @@ a non-finite loss exits with status 3 after saving its state.
 >>> python -m mixlab train --method pgd_at --profile short --run-dir runs/at
 >>> python -m mixlab train --method mixup --set mixup.alpha=0.2 --profile smoke --run-dir x --dry-run
 >>> python -m mixlab eval --checkpoint runs/at --attacks clean,pgd20,aa --n 1000
+>>> python -m mixlab train --config runs/at/config.json --run-dir runs/at-again
+>>> python -m mixlab --threads 4 train --profile smoke --run-dir runs/smoke
+
+``--threads N`` (before or after the command name) sets PyTorch's CPU threads for every
+command; without it, ``$MIXLAB_THREADS``, else 1 on a machine without CUDA (see
+``mixlab.runtime.configure_threads``; ``python -m mixlab info`` shows the count and why).
 """
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import parse_assignment
+from .runtime import configure_threads
+
+THREADS_HELP = ("PyTorch CPU threads for this command (default: $MIXLAB_THREADS, else 1 on a "
+                "machine without CUDA, else torch's default)")
 
 
 def literal_value(text: str) -> Any:
@@ -72,8 +82,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def _registered_text() -> str:
+    """Models, datasets and profiles known now (names registered before main() included)."""
+    from .config import PROFILES
+    from .data import available_datasets
+    from .models import available_models
+    return (f"models: {', '.join(available_models())}\n"
+            f"datasets: {', '.join(available_datasets())}, or an image-folder path\n"
+            f"profiles: {', '.join(PROFILES)}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mixlab", description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=_int, default=None, metavar="N", help=THREADS_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     from .config import describe_settings
@@ -86,8 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a model. Settings not given come from the profile and the method's "
                     "defaults (mixlab.config); --dry-run prints the resolved config.",
         epilog=describe_settings() + "\n\nmethods and their hyperparameters "
-               "(--set METHOD.KEY=VALUE):\n" + method_lines)
-    t.add_argument("--method", default="pgd_at", choices=sorted(METHODS))
+               "(--set METHOD.KEY=VALUE):\n" + method_lines + "\n\n" + _registered_text())
+    t.add_argument("--config", default=None, metavar="PATH",
+                   help="replay a run: its config.json (or run directory) gives every setting; "
+                        "the other flags and --set override them (--run-dir: where to write)")
+    t.add_argument("--method", default=None, choices=sorted(METHODS),
+                   help="training method (default: pgd_at, or the --config file's)")
     t.add_argument("--dataset", default=None)
     t.add_argument("--model", default=None)
     t.add_argument("--profile", default=None, choices=["smoke", "short", "paper"])
@@ -101,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="required unless --dry-run")
     t.add_argument("--download", action="store_true", help="let torchvision download data")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write each epoch's scalars to RUN_DIR/tensorboard/ (needs "
+                        "pip install mixlab[tensorboard])")
+    t.add_argument("--allow-slow-cpu", action="store_true",
+                   help="start the GPU-sized short/paper profiles on a CPU anyway")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine setting (--set val_size=1000) or a hyperparameter of the "
                         "chosen method (--set mixup.alpha=1); values are JSON where they parse")
@@ -120,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--which", choices=["best", "last"], default="best")
 
-    sub.add_parser("info", help="devices, data found, versions")
+    sub.add_parser("info", help="devices, threads, data found, versions")
 
     d = sub.add_parser("download", help="download a dataset through torchvision")
     d.add_argument("dataset")
@@ -128,12 +158,25 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="unpack offline copies (MNIST .gz, CIFAR-10 JPEG tar) "
                                         "into the data root, once")
     pr.add_argument("--from", dest="source", required=True, help="folder holding the copies")
+    for command in sub.choices.values():  # --threads after the command name works too
+        command.add_argument("--threads", type=_int, default=argparse.SUPPRESS, metavar="N",
+                             help=THREADS_HELP)
     return p
 
 
 def train_settings(args) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(engine settings, method_hp) from the train command's arguments."""
-    config: dict[str, Any] = {"method": args.method}
+    """(engine settings, method_hp) from the train command's arguments: the --config file's
+    settings (if any) as the base, then the flags, then --set."""
+    from .config import SETTINGS, load_config
+    config: dict[str, Any] = {}
+    method_hp: dict[str, Any] = {}
+    if args.config is not None:
+        config = load_config(args.config)
+        method_hp = config.pop("method_hp")
+        if args.method is not None and args.method != config["method"]:
+            method_hp = {}  # the file's hyperparameters belong to its own method
+    args.method = args.method or config.get("method") or SETTINGS["method"].default
+    config["method"] = args.method
     if args.run_dir is not None:
         config["run_dir"] = args.run_dir
     for key in ("dataset", "model", "profile", "epochs", "batch_size", "lr", "eps", "norm",
@@ -141,10 +184,9 @@ def train_settings(args) -> tuple[dict[str, Any], dict[str, Any]]:
         value = getattr(args, key)
         if value is not None:
             config[key] = value
-    for flag in ("download", "compile", "overwrite"):
+    for flag in ("download", "compile", "overwrite", "tensorboard", "allow_slow_cpu"):
         if getattr(args, flag):
             config[flag] = True
-    method_hp: dict[str, Any] = {}
     for item in args.set:
         owner, key, value = parse_assignment(item)
         if owner is None and key in ("method", "run_dir"):
@@ -169,7 +211,7 @@ def cmd_train(args) -> None:
     if args.dry_run:
         print(json.dumps(resolve_config(method_hp=method_hp, **config), indent=2))
         return
-    if args.run_dir is None:
+    if config.get("run_dir") is None:
         raise ValueError("--run-dir is required to train (or pass --dry-run)")
     _, history = train(method_hp=method_hp, **config)
     print(json.dumps(history[-1]) if history else "{}")
@@ -221,8 +263,10 @@ def cmd_info(args) -> None:
 
     from . import __version__
     from . import data as data_mod
+    from .runtime import threads_reason
     print(f"mixlab {__version__}, torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}, python {platform.python_version()}")
+    print(f"threads: {torch.get_num_threads()} (why: {threads_reason()})")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
@@ -276,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     try:
         args = _parser().parse_args(argv)
+        configure_threads(args.threads)
         COMMANDS[args.command](args)
     except NonFiniteLossError as err:
         print(f"mixlab: error: {_one_line(err)}", file=sys.stderr)

@@ -17,6 +17,10 @@ Merge order, later wins (each layer is visible in ``python -m mixlab train ... -
     engine:     SETTINGS defaults < PROFILES[profile] < Method.profiles[profile] < keywords
     method_hp:  Method.defaults   < Method.hp_profiles[profile]                  < method_hp
 
+A run's ``config.json`` holds all of them; :func:`load_config` reads it back, checked, so
+``train(**load_config("runs/at"))`` trains the same run again (``python -m mixlab train
+--config runs/at/config.json --run-dir runs/again`` on the command line).
+
 Every value is checked here, where it enters, before anything is read or written: a bad one
 raises one ``ValueError``/``TypeError`` that names the setting, the value and the fix (the
 command line prints it as ``mixlab: error: ...`` and exits 2).
@@ -30,6 +34,7 @@ import dataclasses
 import json
 import math
 import numbers
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +63,10 @@ class Setting:
 S = Setting
 #: every engine setting, with its default and meaning (units: pixels in [0, 1], epochs, steps)
 SETTINGS: dict[str, Setting] = {
-    "dataset": S("cifar10", "str", "dataset name", choices=data_mod.DATASETS),
-    "model": S("preactresnet18", "str", "architecture name known to mixlab.models"),
+    "dataset": S("cifar10", "str", "dataset name (built-in or registered), or an image-folder "
+                 "path", choices=data_mod.DatasetNames()),
+    "model": S("preactresnet18", "str", "architecture name known to mixlab.models (built-in "
+               "or registered)"),
     "method": S("pgd_at", "str", "training method, a name in mixlab.methods.METHODS"),
     "epochs": S(30, "int", "passes over the training set", low=1),
     "batch_size": S(128, "int", "examples per optimiser step", low=1),
@@ -109,6 +116,10 @@ SETTINGS: dict[str, Setting] = {
     "check_every": S(50, "int", "check the loss is finite every n steps (one host sync each)",
                      low=1),
     "quiet": S(False, "bool", "no progress bar"),
+    "tensorboard": S(False, "bool", "also write each epoch's scalars to <run_dir>/tensorboard/ "
+                     "(needs run_dir and pip install mixlab[tensorboard])"),
+    "allow_slow_cpu": S(False, "bool", "start the GPU-sized short/paper profiles on a CPU "
+                        "anyway (refused otherwise, with the estimated time)"),
     "profile": S(None, "str", "smoke | short | paper (see PROFILES)", choices=PROFILE_NAMES,
                  optional=True),
 }
@@ -133,7 +144,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: settings that say how a run is executed, not what it computes: they may differ when a run
 #: is resumed or loaded
 RUN_ONLY_KEYS = frozenset({"run_dir", "resume", "overwrite", "stop_after", "quiet", "device",
-                           "data_root", "download", "check_every", "compile"})
+                           "data_root", "download", "check_every", "compile",
+                           "tensorboard", "allow_slow_cpu"})
 
 
 # ----------------------------------------------------------------------------- checks
@@ -208,6 +220,9 @@ def _check_combination(cfg: dict[str, Any]) -> None:
     if cfg["eval_subset"] is not None and cfg["val_size"] == 0:
         raise ValueError(f"eval_subset={cfg['eval_subset']} needs a validation split to draw "
                          f"from; set val_size > 0 or eval_subset=None")
+    if cfg["tensorboard"] and cfg["run_dir"] is None:
+        raise ValueError("tensorboard=True writes to <run_dir>/tensorboard/; give a run_dir "
+                         "(command line: --run-dir DIR) or leave tensorboard off")
     for key in ("run_dir", "data_root"):
         if cfg[key] is not None and not cfg[key].strip():
             raise ValueError(f"{key}={cfg[key]!r} is empty; give a folder (or None)")
@@ -324,6 +339,37 @@ def config_difference(old: dict[str, Any], new: dict[str, Any],
         elif a != b:
             lines.append(f"{key}: {a!r} -> {b!r}")
     return lines
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The settings of a saved run, checked, ready to train again: ``train(**load_config(p))``
+    gives the same run (the same weights, bit for bit, on the same machine).
+
+    path: a run's ``config.json``, or the run directory holding it. The file's engine settings
+    and ``method_hp`` go through :func:`resolve_config`, so a file with an unknown key or a bad
+    value is refused as a keyword would be; settings added to mixlab after the file was
+    written take their defaults. Replay into another folder with
+    ``train(**{**load_config(p), "run_dir": "runs/again"})``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"no config file at {path}: give a run's config.json (or its run "
+                         f"directory), as written by train(run_dir=...)")
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as a config ({err.__class__.__name__}: "
+                         f"{err}); it is corrupt or not a mixlab config.json") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} holds a {type(settings).__name__}, not a mixlab config "
+                         f"(a JSON object of settings)")
+    method_hp = settings.pop("method_hp", None)
+    try:
+        return resolve_config(method_hp=method_hp, **settings)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{path}: {err}") from err
 
 
 def describe_settings() -> str:

@@ -20,6 +20,10 @@ Where data comes from, for ``load_dataset(name)`` under ``root = data_root()``
 3. a download through torchvision, only when asked (``download=True``, ``--download``,
    ``python -m mixlab download <name>``).
 
+Data of your own: :func:`register_dataset` gives a loader a name (valid wherever a built-in name
+is), and ``train(dataset=...)`` takes tensors, a torch ``Dataset`` or an image-folder path
+(:func:`as_tensor_datasets`); both are checked as the built-in data is.
+
 Anything else is a :class:`DataError` naming the dataset, the paths tried and the command that
 fixes it. There is never silent random data in place of a real dataset: the only synthetic data is
 the dataset named ``"synthetic"``, and results carry that name.
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
 from .fileio import (atomic_torch_save, atomic_writer, fsync_dir, restricted_pickle_load,
                      safe_torch_load)
@@ -207,8 +212,14 @@ def dataset_info(name: str) -> dict:
     ``train_size``, ``test_size``, per-channel ``mean``/``std`` (pixels in [0, 1]), default
     ``eps`` per norm in pixel units (``{"Linf": 8/255, "L2": 0.5}`` for CIFAR), ``classes``
     (None when only the files know them)."""
+    if is_custom_dataset(name):
+        raise ValueError(
+            f"dataset {name!r} is data of your own: mixlab knows no standard threat-model "
+            f"radius for it; pass eps explicitly (train(eps=...), --set eps=...), e.g. 8/255 "
+            f"for Linf on natural images")
     name = _check_name(name)
-    info = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in _INFO[name].items()}
+    table = _INFO[name] if name in _INFO else _REGISTERED[name]["info"]
+    info = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in table.items()}
     return {"name": name, **info}
 
 
@@ -224,12 +235,17 @@ def load_dataset(name: str, split: str = "train", *, root=None, download: bool =
     >>> ds.x.dtype, ds.x.shape[1:]
     (torch.uint8, torch.Size([3, 32, 32]))
     """
+    if is_custom_dataset(name):
+        _check_split(split)
+        return _load_custom_name(name, split)
     name = _check_name(name)
     _check_split(split)
     if name == "synthetic":
         info = _INFO["synthetic"]
         return synthetic_dataset(info[f"{split}_size"], split=split)
     root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
+    if name in _REGISTERED:
+        return _load_registered(name, split, root)
     if _torchvision_path(name, root, split) is not None:
         return _read_torchvision_layout(name, root, split)
     folder = find_image_folder(root, name, split)
@@ -246,7 +262,7 @@ def find_dataset(name: str, split: str = "train", *, root=None) -> pathlib.Path 
     (cheap: nothing is decoded; for ``python -m mixlab info``)."""
     name = _check_name(name)
     _check_split(split)
-    if name == "synthetic":
+    if name == "synthetic" or name in _REGISTERED:
         return None
     root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
     return _torchvision_path(name, root, split) or find_image_folder(root, name, split)
@@ -262,6 +278,9 @@ def download(name: str, root=None) -> pathlib.Path:
 def _download(name: str, root) -> pathlib.Path:  # load_dataset's `download` argument hides the name
     if name == "synthetic":
         raise DataError("the 'synthetic' dataset is generated in memory: nothing to download")
+    if name in _REGISTERED:
+        raise DataError(f"dataset {name!r} was registered with register_dataset: its loader "
+                        f"reads it, mixlab has nothing to download")
     import torchvision.datasets as tvd
 
     root = pathlib.Path(root).expanduser().resolve() if root is not None else data_root()
@@ -285,6 +304,317 @@ def _download(name: str, root) -> pathlib.Path:  # load_dataset's `download` arg
             f"Check the network, or copy the files in torchvision's layout into {root} (or set "
             f"MIXLAB_DATA to a folder that has them).{hint}") from err
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Data of your own: registered datasets and in-memory data
+# ----------------------------------------------------------------------------------------------
+#
+# Two ways to train on data mixlab does not ship:
+#
+# * register_dataset(name, loader, ...) gives the data a name, valid wherever a built-in name is
+#   (train(dataset=name), --set dataset=name, load_run). The registration lives in the process:
+#   a process that loads such a run must register the name again first.
+# * train(dataset=<data>) takes the data itself: (x, y) tensors, ((x, y), (x_test, y_test)), a
+#   torch Dataset of (image, label) pairs, a TensorDataset, or an image-folder path
+#   <path>/{train,test}/<class>/*.png|jpg. as_tensor_dataset converts it.
+#
+# Either way the data becomes a uint8 TensorDataset with the checks of the built-ins: pixels
+# uint8 or float in [0, 1], images (N, C, H, W) with C in (1, 3), labels int64 in
+# [0, num_classes).
+
+#: name (lower case, '-' removed) -> {"loader": loader, "info": dataset_info-style table}
+_REGISTERED: dict[str, dict] = {}
+
+
+def available_datasets() -> list[str]:
+    """The built-in dataset names, then the names registered with :func:`register_dataset`."""
+    return list(DATASETS) + [entry["name"] for entry in _REGISTERED.values()]
+
+
+class DatasetNames:
+    """The valid values of the ``dataset`` setting, looked up when asked: the built-in names,
+    the registered ones, ``"custom:<description>"`` (data passed to ``train``) and image-folder
+    paths. Iterating lists the names (for error messages and ``--help``)."""
+
+    def __contains__(self, name) -> bool:
+        if not isinstance(name, str):
+            return False
+        return _key(name) in DATASETS or _key(name) in _REGISTERED or is_custom_dataset(name)
+
+    def __iter__(self):
+        return iter(available_datasets())
+
+    def __repr__(self) -> str:
+        return f"DatasetNames({available_datasets()})"
+
+
+def is_custom_dataset(name) -> bool:
+    """True for the ``dataset`` value of data passed to ``train`` itself: ``"custom:..."`` or
+    the path of an image folder (a folder with a ``train/`` sub-folder)."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        return False
+    if name.startswith("custom:"):
+        return True
+    if _key(name) in DATASETS or _key(name) in _REGISTERED:
+        return False
+    return (os.sep in name or "/" in name or name.startswith(".")) and \
+        (pathlib.Path(name).expanduser() / "train").is_dir()
+
+
+def register_dataset(name: str, loader, *, num_classes: int, in_channels: int, image_size: int,
+                     eps: dict, mean=None, std=None) -> None:
+    """Make ``name`` a dataset like the built-ins, read by ``loader(split, root)``.
+
+    loader: called with ``split`` (``"train"`` or ``"test"``) and ``root`` (the data folder,
+        :func:`data_root` unless ``data_root`` is set); returns a :class:`TensorDataset` or a
+        pair ``(x, y)``: x uint8 ``(N, C, H, W)`` or float in [0, 1], y integer class indices.
+    num_classes, in_channels (1 or 3), image_size (H = W): what every split must have.
+    eps: the standard radius per norm in pixel units, ``{"Linf": 8/255, "L2": 0.5}``; used when
+        a run gives no eps.
+    mean, std: per-channel statistics of the training pixels in [0, 1] (the models'
+        normalisation); None: computed from the training split when a model is built.
+
+    Raises ValueError for a name already taken (built-in or registered) or a bad argument.
+
+    >>> register_dataset("blobs", lambda split, root: (x, y), num_classes=3, in_channels=3,
+    ...                  image_size=32, eps={"Linf": 8 / 255, "L2": 0.5})
+    >>> train(dataset="blobs", model="tiny", epochs=1)
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_dataset: name={name!r} must be a non-empty string")
+    if name.startswith("custom:") or "/" in name or os.sep in name:
+        raise ValueError(f"register_dataset: name={name!r} may not start with 'custom:' or "
+                         f"hold a path separator (those mean data passed to train)")
+    key = _key(name)
+    if key in DATASETS or key in _REGISTERED:
+        raise ValueError(f"register_dataset: the name {name!r} is taken (datasets: "
+                         f"{', '.join(available_datasets())}); pick another, or "
+                         f"unregister_dataset({name!r}) first")
+    if not callable(loader):
+        raise ValueError(f"register_dataset: loader={loader!r} must be callable as "
+                         f"loader(split, root)")
+    for what, value, low in (("num_classes", num_classes, 2), ("image_size", image_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"register_dataset: {what}={value!r} must be an integer >= {low}")
+    if in_channels not in (1, 3) or isinstance(in_channels, bool):
+        raise ValueError(f"register_dataset: in_channels={in_channels!r} must be 3 (colour) "
+                         f"or 1 (greyscale)")
+    if not isinstance(eps, dict) or set(eps) != {"Linf", "L2"} or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+            for v in eps.values()):
+        raise ValueError(f"register_dataset: eps={eps!r} must be a dict of positive radii in "
+                         f"pixel units for both norms, e.g. {{'Linf': 8/255, 'L2': 0.5}}")
+    if eps["Linf"] > 1:
+        raise ValueError(f"register_dataset: eps['Linf']={eps['Linf']} is outside [0, 1]: "
+                         f"radii are in pixel units, write 8/255 rather than 8")
+    stats = {}
+    for what, value in (("mean", mean), ("std", std)):
+        if value is None:
+            stats[what] = None
+            continue
+        try:
+            values = tuple(float(v) for v in value)
+        except TypeError:
+            values = ()
+        if len(values) != in_channels or (what == "std" and min(values) <= 0):
+            raise ValueError(f"register_dataset: {what}={value!r} must hold one "
+                             f"{'positive ' if what == 'std' else ''}number per channel "
+                             f"({in_channels})")
+        stats[what] = values
+    _REGISTERED[key] = dict(name=name, loader=loader, info=dict(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+        train_size=None, test_size=None, mean=stats["mean"], std=stats["std"],
+        eps={"Linf": float(eps["Linf"]), "L2": float(eps["L2"])}, classes=None))
+
+
+def unregister_dataset(name: str) -> None:
+    """Forget a name given to :func:`register_dataset` (KeyError if it was not registered)."""
+    key = _key(name)
+    if key not in _REGISTERED:
+        raise KeyError(f"dataset {name!r} is not registered")
+    del _REGISTERED[key]
+
+
+def _load_registered(key: str, split: str, root: pathlib.Path) -> TensorDataset:
+    entry = _REGISTERED[key]
+    info, name = entry["info"], entry["name"]
+    try:
+        out = entry["loader"](split, root)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"the loader registered for dataset {name!r} failed on split "
+                        f"{split!r}: {type(err).__name__}: {err}") from err
+    ds = as_tensor_dataset(out, name=name, split=split, num_classes=info["num_classes"],
+                           source=f"register_dataset({name!r})")
+    shape = (info["in_channels"], info["image_size"], info["image_size"])
+    if tuple(ds.x.shape[1:]) != shape:
+        raise ValueError(f"dataset {name!r} ({split}) has images of shape "
+                         f"{tuple(ds.x.shape[1:])}, but it was registered with in_channels="
+                         f"{info['in_channels']}, image_size={info['image_size']} ({shape})")
+    return ds
+
+
+def _load_custom_name(name: str, split: str) -> TensorDataset:
+    """A ``dataset`` value of data passed to ``train``: a folder path is read again; the
+    description ``"custom:..."`` only names data that cannot be found again."""
+    if not name.startswith("custom:"):
+        folder = pathlib.Path(name).expanduser()
+        return read_image_folder(folder, split, name=str(name))
+    raise DataError(f"dataset {name!r} was passed to train() as data, and mixlab cannot read "
+                    f"it again by its description: pass the data itself "
+                    f"(train(dataset=...)), or register it with mixlab.data.register_dataset")
+
+
+def _split_parts(data) -> tuple:
+    """(training part, test part or None) of data passed to ``train(dataset=...)``."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(part, (tuple, list, TensorDataset, torch.utils.data.Dataset))
+            for part in data):
+        return data[0], data[1]
+    return data, None
+
+
+def custom_dataset_name(data) -> str:
+    """What ``config.json`` records as ``dataset`` for data passed to ``train`` (read
+    nothing): the folder path of an image folder, else ``"custom:<description>"``, e.g.
+    ``"custom:tensors"`` or ``"custom:<Dataset class name>"``."""
+    if isinstance(data, (str, os.PathLike)):
+        return os.fspath(data)
+    part = _split_parts(data)[0]
+    if isinstance(part, TensorDataset):
+        return part.name if part.name.startswith("custom:") else f"custom:{part.name}"
+    if isinstance(part, torch.utils.data.Dataset):
+        return f"custom:{type(part).__name__}"
+    return "custom:tensors"
+
+
+def as_tensor_datasets(data) -> tuple[TensorDataset, TensorDataset | None, str]:
+    """Data passed to ``train(dataset=...)`` as ``(train split, test split or None, name)``.
+
+    data: ``(x, y)`` tensors (training data only); ``((x, y), (x_test, y_test))``; a torch
+    ``Dataset`` yielding ``(image tensor, int label)``; a :class:`TensorDataset`; or an
+    image-folder path ``<path>/{train,test}/<class>/*.png|jpg``. name is what ``config.json``
+    records: the folder path, or ``"custom:<description>"``. The number of classes is
+    1 + the largest label of both splits. Raises ValueError/TypeError for anything else.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        folder = pathlib.Path(data).expanduser()
+        if not (folder / "train").is_dir():
+            raise ValueError(f"dataset={str(data)!r} is neither a dataset name "
+                             f"({', '.join(available_datasets())}) nor an image folder with "
+                             f"a train/ sub-folder (<path>/train/<class>/*.png|jpg)")
+        name = os.fspath(data)
+        train_ds = read_image_folder(folder, "train", name=name)
+        test_ds = read_image_folder(folder, "test", name=name) if (folder / "test").is_dir() \
+            else None
+        if test_ds is not None and test_ds.classes != train_ds.classes:
+            raise ValueError(f"image folder {name}: train/ has classes {train_ds.classes} but "
+                             f"test/ has {test_ds.classes}; both need the same class folders")
+        return train_ds, test_ds, name
+    train_part, test_part = _split_parts(data)
+    name = custom_dataset_name(data)
+    train_ds = as_tensor_dataset(train_part, name=name, split="train")
+    test_ds = None
+    if test_part is not None:
+        test_ds = as_tensor_dataset(test_part, name=name, split="test")
+        if test_ds.x.shape[1:] != train_ds.x.shape[1:]:
+            raise ValueError(f"dataset: test images have shape {tuple(test_ds.x.shape[1:])} "
+                             f"but training images {tuple(train_ds.x.shape[1:])}")
+    num_classes = max(train_ds.num_classes, test_ds.num_classes if test_ds else 0)
+    train_ds = dataclasses.replace(train_ds, num_classes=num_classes,
+                                   classes=[str(i) for i in range(num_classes)])
+    if test_ds is not None:
+        test_ds = dataclasses.replace(test_ds, num_classes=num_classes,
+                                      classes=train_ds.classes)
+    return train_ds, test_ds, name
+
+
+def as_tensor_dataset(data, *, name: str, split: str = "train", num_classes: int | None = None,
+                      source: str = "user data") -> TensorDataset:
+    """One split as a uint8 :class:`TensorDataset`, checked as the built-in data is.
+
+    data: a TensorDataset, ``(x, y)`` tensors or a torch ``Dataset`` of ``(image, label)``.
+    x must be ``(N, C, H, W)`` with C 1 or 3, uint8 or float in [0, 1] (stored as uint8,
+    rounded to 1/255); y integer class indices ``(N,)``, in ``[0, num_classes)`` when
+    num_classes is given, else >= 0 (num_classes is then 1 + the largest label, at least 2).
+    """
+    if isinstance(data, TensorDataset):
+        x, y = data.x, data.y
+        num_classes = num_classes or data.num_classes
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+    elif isinstance(data, torch.utils.data.Dataset):
+        x, y = _stack_dataset(data, name)
+    else:
+        raise TypeError(
+            f"dataset {name!r} ({split}): cannot read {type(data).__name__}; give (x, y) "
+            f"tensors, ((x, y), (x_test, y_test)), a torch Dataset of (image, label) pairs, "
+            f"or an image-folder path")
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"dataset {name!r} ({split}): images must be (N, C, H, W) with C = 1 "
+                         f"or 3, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"dataset {name!r} ({split}) holds no examples")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"dataset {name!r} ({split}): labels must be one class index per "
+                         f"image, shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dtype.is_complex:
+        raise ValueError(f"dataset {name!r} ({split}): labels have dtype {y.dtype}; class "
+                         f"indices (integers, int64) are needed")
+    y = y.detach().cpu().to(torch.int64)
+    lo, hi = int(y.min()), int(y.max())
+    if num_classes is None:
+        if lo < 0:
+            raise ValueError(f"dataset {name!r} ({split}) has labels in [{lo}, {hi}]: labels "
+                             f"must be class indices 0, 1, ..., num_classes - 1")
+        num_classes = max(hi + 1, 2)
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"dataset {name!r} ({split}) has labels in [{lo}, {hi}]: labels must "
+                         f"lie in [0, {num_classes - 1}] ({num_classes} classes)")
+    x = x.detach().cpu()
+    if x.dtype != torch.uint8:
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"dataset {name!r} ({split}): pixels have dtype {x.dtype}; give "
+                             f"uint8 (0..255) or float in [0, 1]")
+        if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+            raise ValueError(f"dataset {name!r} ({split}): float pixels must lie in [0, 1], "
+                             f"got [{float(x.min()):.4g}, {float(x.max()):.4g}]; divide "
+                             f"0..255 values by 255 (or pass them as uint8)")
+        x = (x.float() * 255).round_().to(torch.uint8)
+    return TensorDataset(name=name, split=split, x=x.contiguous(), y=y, num_classes=num_classes,
+                         classes=[str(i) for i in range(num_classes)], source=source)
+
+
+def _stack_dataset(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (image, label) pairs of a torch Dataset as (x, y) tensors."""
+    try:
+        n = len(data)
+    except TypeError:
+        raise TypeError(f"dataset {name!r}: the torch Dataset has no len(); give (x, y) "
+                        f"tensors instead") from None
+    if n == 0:
+        raise ValueError(f"dataset {name!r}: the torch Dataset is empty")
+    xs, ys = [], []
+    for i in range(n):
+        item = data[i]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2
+                and isinstance(item[0], torch.Tensor)):
+            raise TypeError(f"dataset {name!r}: item {i} of the torch Dataset is not an "
+                            f"(image tensor, int label) pair")
+        xs.append(item[0])
+        ys.append(int(item[1]))
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) > 1:
+        raise ValueError(f"dataset {name!r}: images of different shapes {sorted(shapes)[:3]}; "
+                         f"all images must have one shape (C, H, W)")
+    if {x.dtype for x in xs} != {xs[0].dtype}:
+        raise ValueError(f"dataset {name!r}: images of different dtypes")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
 
 
 # --- torchvision layouts ------------------------------------------------------------------------
@@ -665,10 +995,18 @@ class DeviceLoader:
 # ----------------------------------------------------------------------------------------------
 
 def _check_name(name: str) -> str:
-    key = str(name).lower().replace("-", "")
-    if key not in DATASETS:
-        raise DataError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
+    key = _key(name)
+    if key not in DATASETS and key not in _REGISTERED:
+        raise DataError(
+            f"Unknown dataset {name!r}; valid names: {', '.join(available_datasets())}. A "
+            f"dataset of your own must be registered in this process first, with "
+            f"mixlab.data.register_dataset({str(name)!r}, loader, ...), or passed as data: "
+            f"train(dataset=(x, y)) or train(dataset='<folder>')")
     return key
+
+
+def _key(name) -> str:
+    return str(name).strip().lower().replace("-", "")
 
 
 def _check_split(split: str) -> None:

@@ -25,6 +25,10 @@ Directions (all unit length in ``norm``):
 A path is computed once, in one batched forward per model (``n_points`` points), whenever the
 image, direction or model changes; moving the slider only moves a marker and redraws one image.
 
+The widget explains its terms: a "what the terms mean" section under the controls
+(:data:`HELP_HTML`: t, eps, max_eps, PGD-CE, AN-PGD, SLM, the crossing, the margin estimate, the
+argmax strip) and a tooltip on every control. Every class is named on the argmax strip.
+
 Pure functions (:func:`path_direction`, :func:`path_points`, :func:`path_logits`,
 :func:`first_crossing`) do the work and are usable without widgets; :class:`MarginExplorer` is the
 ipywidgets + plotly ``FigureWidget`` front end for JupyterLab, and
@@ -59,6 +63,33 @@ DIRECTIONS = {
     "image": "towards another image",
 }
 NONE = "(none)"
+
+#: what each direction means, shown as the direction dropdown's tooltip and in the help text
+DIRECTION_HELP = {
+    "pgd": "PGD-CE: projected gradient descent on the cross-entropy loss, at the threat "
+           "model's eps, against the 'attack on' model; the path continues past eps",
+    "anpgd": "AN-PGD: MMA's adaptive-norm PGD (Ding et al. 2020), PGD on the SLM loss at max_eps; "
+             "SLM (soft logit margin) = the largest other logit minus the true class's logit, "
+             "smoothed with a log-sum-exp; it is positive once the image is misclassified, so the "
+             "attack pushes towards the nearest decision boundary",
+    "random": "random signs (Linf: a corner of the eps-cube) or a Gaussian (L2), seeded",
+    "image": "the straight line from this image towards another test image",
+}
+
+#: the short glossary under the controls (HTML)
+HELP_HTML = (
+    "<details><summary><b>what the terms mean</b></summary><ul style='margin:2px 0'>"
+    "<li><b>t</b>: the distance walked from the clean image x along the direction u, in pixel "
+    "units of the threat model's norm (Linf: 8/255 = 0.0314); x(t) = clip(x + t u, 0, 1)</li>"
+    "<li><b>eps</b>: the threat model's radius (grey line); <b>max_eps</b>: how far the margin "
+    "search and the adversarial directions go</li>"
+    + "".join(f"<li><b>{DIRECTIONS[k]}</b>: {DIRECTION_HELP[k]}</li>" for k in DIRECTIONS)
+    + "<li><b>crossing</b> (red line): the first t at which the prediction leaves the true "
+    "class on this path</li>"
+    "<li><b>margin est.</b> (green line): the model's margin at x, estimated as MMA does "
+    "(PGD at max_eps, then a bisection); '≥' when no boundary was found within max_eps</li>"
+    "<li><b>argmax</b>: the predicted class at each t; the thick line is the true class</li>"
+    "</ul></details>")
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -256,25 +287,38 @@ class MarginExplorer:
         if compare != "auto":
             second = compare if compare is not None else NONE
         style = {"description_width": "initial"}
-        self.run_a = W.Dropdown(options=names, value=names[0], description="model A", style=style)
+        # widths follow the longest option so that no label is cut off
+        run_width = f"{max(140, 8 * max(len(n) for n in [NONE, *names]) + 110)}px"
+        self.run_a = W.Dropdown(options=names, value=names[0], description="model A", style=style,
+                                layout=W.Layout(width=run_width),
+                                tooltip="the model of the left panel")
         self.run_b = W.Dropdown(options=[NONE, *names], value=second, description="model B",
-                                style=style)
+                                style=style, layout=W.Layout(width=run_width),
+                                tooltip="the model of the right panel, on the same path")
         self.index = W.IntSlider(value=image, min=0, max=len(x_test) - 1, description="image",
-                                 continuous_update=False, style=style)
-        self.direction = W.Dropdown(options=[(label, key) for key, label in DIRECTIONS.items()],
-                                    value=direction, description="direction", style=style)
+                                 continuous_update=False, style=style,
+                                 tooltip="the test image the path starts from")
+        self.direction = W.Dropdown(
+            options=[(label, key) for key, label in DIRECTIONS.items()], value=direction,
+            description="direction", style=style,
+            layout=W.Layout(width=f"{8 * max(map(len, DIRECTIONS.values())) + 110}px"),
+            tooltip="; ".join(DIRECTION_HELP.values()))
         self.attack_on = W.Dropdown(options=names, value=names[0], description="attack on",
-                                    style=style)
+                                    style=style, layout=W.Layout(width=run_width),
+                                    tooltip="the model the adversarial directions attack")
         self.target = W.BoundedIntText(value=target, min=0, max=len(x_test) - 1,
                                        description="towards image", style=style,
-                                       layout=W.Layout(width="170px"))
+                                       layout=W.Layout(width="190px"),
+                                       tooltip="the image the 'towards another image' path ends at")
         self.seed = W.IntText(value=seed, description="seed", style=style,
-                              layout=W.Layout(width="120px"))
+                              layout=W.Layout(width="130px"),
+                              tooltip="the seed of the random direction")
         step = self.max_eps / (self.n_points - 1)
         self.position = W.FloatSlider(value=0.0, min=0.0, max=self.max_eps, step=step,
                                       description="t", readout_format=".4f",
                                       continuous_update=True, style=style,
-                                      layout=W.Layout(width="60%"))
+                                      layout=W.Layout(width="60%"),
+                                      tooltip="t: the distance walked along the direction")
         self.position.add_class("mixlab-position")
         self.info = W.HTML()
         self.image_widgets = {k: W.Image(format="png", layout=W.Layout(width="128px"))
@@ -283,20 +327,26 @@ class MarginExplorer:
                          for k, label in (("clean", "clean x"), ("perturbed", "x(t)"),
                                           ("delta", "x(t) − x (rescaled)"))])
         self.figures = {slot: self._make_figure() for slot in ("A", "B")}
-        self.panels = {slot: W.VBox([self.figures[slot]]) for slot in ("A", "B")}
+        # panels keep their full width (a squeezed panel would cut off the legend); a window
+        # too narrow for two puts B under A
+        self.panels = {slot: W.VBox([self.figures[slot]], layout=W.Layout(flex="0 0 auto"))
+                       for slot in ("A", "B")}
         self.thumbs = self._make_thumbnails(min(n_thumbs, len(x_test)))
 
+        wrap = W.Layout(flex_flow="row wrap")  # a narrow window wraps rows instead of cutting
         controls = W.VBox([
-            W.HBox([self.run_a, self.run_b]),
-            W.HBox([self.index, self.direction, self.attack_on, self.target, self.seed]),
+            W.HBox([self.run_a, self.run_b, self.attack_on], layout=wrap),
+            W.HBox([self.index, self.direction, self.target, self.seed], layout=wrap),
             W.HBox([self.position]),
         ])
+        self.help = W.HTML(HELP_HTML)
         self.widget = W.VBox([
             W.HTML("<h3>Margin explorer</h3>"),
             controls,
+            self.help,
             W.Accordion(children=[self.thumbs], titles=("test images (click one)",)),
             self.info,
-            W.HBox([self.panels["A"], self.panels["B"]]),
+            W.HBox([self.panels["A"], self.panels["B"]], layout=W.Layout(flex_flow="row wrap")),
             images,
         ])
         self.widget.add_class("mixlab-explorer")
@@ -422,8 +472,11 @@ class MarginExplorer:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
+        # the argmax strip gets ~16 px per class so that every class is named on its axis
+        strip = 16 * len(self.classes) + 20
+        height = 480 + strip
         base = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05,
-                             row_heights=[0.42, 0.42, 0.16])
+                             row_heights=[(1 - strip / height) / 2] * 2 + [strip / height])
         fig = go.FigureWidget(base)
         colors = self._colors()
         for row, what in ((1, "prob"), (2, "logit")):
@@ -440,10 +493,13 @@ class MarginExplorer:
         fig.update_yaxes(title_text="probability", range=[0, 1.02], row=1, col=1)
         fig.update_yaxes(title_text="logit", row=2, col=1)
         fig.update_yaxes(title_text="argmax", type="category", row=3, col=1,
-                         categoryorder="array", categoryarray=self.classes)
+                         categoryorder="array", categoryarray=self.classes,
+                         range=[-0.5, len(self.classes) - 0.5], tickmode="array",
+                         tickvals=self.classes, ticktext=self.classes, tickfont=dict(size=10),
+                         automargin=True)
         unit = "Linf" if self.norm == "Linf" else "L2"
         fig.update_xaxes(title_text=f"t ({unit} distance, pixel units)", row=3, col=1)
-        fig.update_layout(width=560, height=560, margin=dict(l=60, r=10, t=60, b=40),
+        fig.update_layout(width=520, height=height, margin=dict(l=60, r=10, t=80, b=40),
                           legend=dict(font=dict(size=10)), title=dict(font=dict(size=13)))
         return fig
 
@@ -496,10 +552,16 @@ class MarginExplorer:
                     for what, t, color, dash in self._reference_lines(p)]
                 fig.layout.xaxis3.range = [0, self.t_max]
                 fig.layout.yaxis2.range = list(self._logit_range[slot])
-            run = self.runs[name]
-            method = f" [{run.config.get('method', '?')}]" if hasattr(run, "config") else ""
-            self._titles[slot] = (f"{slot}: {name}{method}; crossing {self._fmt(p.crossing)}, "
-                                  f"margin est. {self._fmt_margin(p.margin)}")
+            self._titles[slot] = (f"{slot}: {self._run_label(name)}<br>crossing "
+                                  f"{self._fmt(p.crossing)}, margin est. "
+                                  f"{self._fmt_margin(p.margin)}")
+
+    def _run_label(self, name: str) -> str:
+        """The run's name, with its method in brackets only where the name does not say it."""
+        config = getattr(self.runs[name], "config", None) or {}
+        method = str(config.get("method", "")) if isinstance(config, Mapping) else ""
+        shown = name.lower().replace("-", "_")
+        return f"{name} [{method}]" if method and method.lower() not in shown else name
 
     def _redraw_position(self) -> None:
         """Move the markers and the perturbed image to the slider's position (no forward)."""
@@ -534,13 +596,14 @@ class MarginExplorer:
         cells = []
         for i in range(n):
             img = _to_float_image(self.x_test[i]).cpu().numpy()
-            button = W.Button(description=f"#{i} {self.classes[int(self.y_test[i])]}",
-                              layout=W.Layout(width="96px"))
+            label = f"#{i} {self.classes[int(self.y_test[i])]}"
+            button = W.Button(description=label, tooltip=f"start from test image {label}",
+                              layout=W.Layout(width="auto", min_width="64px"))
             button.on_click(lambda _b, i=i: self.set_image(i))
             cells.append(W.VBox([W.Image(value=image_png(img, scale=2), format="png",
                                          layout=W.Layout(width="64px")), button]))
         return W.GridBox(cells, layout=W.Layout(
-            grid_template_columns="repeat(8, 100px)", grid_gap="4px"))
+            grid_template_columns="repeat(8, max-content)", grid_gap="4px"))
 
     # ------------------------------------------------------------------ events
     @contextlib.contextmanager
@@ -595,8 +658,10 @@ class MarginExplorer:
                 ax.set_xlim(0, self.t_max)
                 ax.set_ylabel(ylabel)
                 ax.set_xlabel(f"t ({self.norm}, pixel units)")
-                ax.set_title(f"{slot}: {name}, crossing {self._fmt(p.crossing)}, "
-                             f"margin est. {self._fmt_margin(p.margin)}", fontsize=9)
+                if col == 0:  # one title per model row: the name is not repeated
+                    ax.set_title(f"{slot}: {self._run_label(name)}, crossing "
+                                 f"{self._fmt(p.crossing)}, margin est. "
+                                 f"{self._fmt_margin(p.margin)}", fontsize=9, loc="left")
                 if row == 0 and col == 1:
                     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         x, _ = self._image(self.index.value, torch.device("cpu"))

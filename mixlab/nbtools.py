@@ -1,11 +1,25 @@
 """Small helpers the notebooks share: where runs and figures go, the device, provenance
-sidecars for figures. Notebooks stay thin drivers; anything longer than a few lines that two
-notebooks need lives here or in the module it belongs to.
+sidecars for figures, checked parameters, training or loading a run, and evaluations that
+are cached in the run folder. Notebooks stay thin drivers; anything longer than a few lines
+that two notebooks need lives here or in the module it belongs to.
+
+Environment variables read here:
+
+* ``MIXLAB_RUNS``: replaces ``<project>/runs`` as the root of the run folders (:func:`run_dir`);
+* ``MIXLAB_FIGURES``: replaces ``<project>/figures`` as the folder of figures and tables
+  (:func:`figures_dir`); ``make demo`` points it at ``runs/figures`` so that a demo never
+  rewrites the committed figures;
+* ``MIXLAB_THREADS``: CPU threads, read by :func:`mixlab.runtime.configure_threads`, which
+  :func:`check_params` calls (every notebook calls that first).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
+import inspect
 import io
+import json
 import math
 import os
 import subprocess
@@ -43,6 +57,17 @@ def run_dir(notebook: str, profile: str, *parts: str, root: str | Path | None = 
     return base.joinpath(notebook, profile, *parts)
 
 
+def figures_dir() -> Path:
+    """Where :func:`save_figure` and :func:`save_table` write: ``$MIXLAB_FIGURES`` when set
+    (a relative path is taken from the project folder, since notebooks run inside
+    ``notebooks/``), else ``<project>/figures``, the committed figures."""
+    env = os.environ.get("MIXLAB_FIGURES", "").strip()
+    if not env:
+        return project_dir() / "figures"
+    folder = Path(env).expanduser()
+    return folder if folder.is_absolute() else project_dir() / folder
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -54,10 +79,11 @@ def git_commit() -> str:
 
 def save_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = None,
                 folder: str | Path | None = None) -> Path:
-    """Save a matplotlib figure as ``figures/<name>_<profile>.png`` with a JSON sidecar that
+    """Save a matplotlib figure as ``<folder>/<name>_<profile>.png`` with a JSON sidecar that
     records the profile, git commit, device and time (which code and profile made it). Both
-    files are written atomically (an interrupted save leaves the previous version intact)."""
-    folder = Path(folder) if folder else project_dir() / "figures"
+    files are written atomically (an interrupted save leaves the previous version intact).
+    ``folder`` None: :func:`figures_dir` (``$MIXLAB_FIGURES``, else ``<project>/figures``)."""
+    folder = Path(folder) if folder else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}_{profile}.png"
     png = io.BytesIO()
@@ -72,9 +98,9 @@ def save_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = 
 
 def save_table(rows: dict[str, dict[str, Any]], name: str, *, profile: str,
                extra: dict[str, Any] | None = None, folder: str | Path | None = None) -> Path:
-    """Write a results table (method -> metrics) as ``figures/<name>_<profile>.json`` with the
-    same provenance fields as figures, atomically."""
-    folder = Path(folder) if folder else project_dir() / "figures"
+    """Write a results table (method -> metrics) as ``<folder>/<name>_<profile>.json`` with
+    the same provenance fields as figures, atomically; ``folder`` as in :func:`save_figure`."""
+    folder = Path(folder) if folder else figures_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}_{profile}.json"
     # per-example lists stay in the run folders (evaluate's JSON); a table holds summaries
@@ -167,11 +193,55 @@ def _check_number(name: str, value: Any, spec: Param, integer: bool) -> int | fl
     return value
 
 
+def param_type(name: str) -> str:
+    """The type of parameter ``name`` as a notebook's parameters cell states it for
+    ``papermill --help-notebook`` (``# type: list[str] ...``): str, int, float, list[str],
+    list[float] or dict, with ``|None`` when None is allowed."""
+    spec = PARAMS[name]
+    kind = {"strs": "list[str]", "floats": "list[float]"}.get(spec.kind, spec.kind)
+    return kind + ("|None" if spec.optional else "")
+
+
+def _literal(name: str, text: str, what: str, example: str) -> Any:
+    """A list or dict written on the command line: JSON (``["a","b"]``), else a Python
+    literal (``['a', 'b']``); anything else is a TypeError that shows how to write it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise TypeError(f"parameter {name}={text!r} looks like a {what} but does not parse; "
+                        f"write it as JSON, e.g. -p {name} '{example}'") from None
+
+
+def _text_list(name: str, text: str) -> list:
+    """A list parameter given as text (papermill's ``-p`` passes lists as strings): a JSON or
+    Python list (``'["base","both"]'``) or comma-separated names (``base,both``)."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        value = _literal(name, stripped, "list", '["a","b"]')
+        if not isinstance(value, list):
+            raise TypeError(f"parameter {name}={text!r} must be a list")
+        return value
+    return [v.strip() for v in stripped.split(",") if v.strip()]
+
+
+def _listing(values: list) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
 def check_param(name: str, value: Any) -> Any:
     """Check one notebook parameter against :data:`PARAMS`; returns it normalised (ints for
-    int parameters, floats for float ones, lists for list ones: a comma-separated string
-    such as ``-p methods pgd_at,gairat`` becomes a list). Raises ValueError / TypeError
-    naming the parameter, the value and what is allowed."""
+    int parameters, floats for float ones, lists for list ones, dicts for dict ones).
+
+    List parameters are read the same way in every notebook, whether they come from the
+    parameters cell, ``python -m mixlab.notebooks -p`` or papermill's ``-p`` (which passes
+    them as strings): a list, comma-separated names (``-p variants base,both``) or a JSON /
+    Python list (``-p variants '["base","both"]'``). A dict parameter may be given as JSON
+    text (``-p datasets '{"approx": "moons"}'``). Raises ValueError / TypeError naming the
+    parameter, the value, every bad entry and what is allowed."""
     if name not in PARAMS:
         raise TypeError(f"unknown notebook parameter {name!r}: give it a type in "
                         f"mixlab.nbtools.PARAMS (known: {sorted(PARAMS)})")
@@ -188,31 +258,42 @@ def check_param(name: str, value: Any) -> Any:
         value = _check_number(name, value, spec, kind == "int")
     elif kind in ("strs", "floats"):
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-            if kind == "floats":
-                try:
-                    value = [float(v) for v in value]
-                except ValueError:
-                    raise TypeError(f"parameter {name}={value!r} must be a list of numbers "
-                                    f"({spec.help})") from None
+            value = _text_list(name, value)
         if not isinstance(value, (list, tuple)) or not value:
             raise TypeError(f"parameter {name}={value!r} must be a non-empty list "
-                            f"({spec.help})")
+                            f"({spec.help}); papermill: -p {name} a,b or -p {name} "
+                            f"'[\"a\",\"b\"]'")
+        value = list(value)
         if kind == "strs":
-            if not all(isinstance(v, str) for v in value):
-                raise TypeError(f"parameter {name}={value!r} must be a list of strings "
-                                f"({spec.help})")
-            value = list(value)
+            bad = [v for v in value if not isinstance(v, str)]
+            if bad:
+                raise TypeError(f"parameter {name}={value!r} must be a list of strings; not "
+                                f"strings: {_listing(bad)} ({spec.help})")
         else:
-            value = [_check_number(name, v, spec, False) for v in value]
+            numbers, bad = [], []
+            for v in value:
+                if isinstance(v, str):
+                    try:
+                        v = float(v)
+                    except ValueError:
+                        bad.append(v)
+                        continue
+                numbers.append(v)
+            if bad:
+                raise TypeError(f"parameter {name}={value!r} must be a list of numbers; not "
+                                f"numbers: {_listing(bad)} ({spec.help})")
+            value = [_check_number(name, v, spec, False) for v in numbers]
     elif kind == "dict":
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = _literal(name, value.strip(), "dict", '{"key": "value"}')
         if not isinstance(value, dict):
             raise TypeError(f"parameter {name}={value!r} must be a dict ({spec.help})")
     choices = spec.choices() if callable(spec.choices) else spec.choices
     if choices is not None:
         bad = [v for v in (value if kind == "strs" else [value]) if v not in choices]
         if bad:
-            raise ValueError(f"parameter {name}={value!r}: {bad[0]!r} is not one of "
+            verb = "is not one of" if len(bad) == 1 else "are not among"
+            raise ValueError(f"parameter {name}={value!r}: {_listing(bad)} {verb} "
                              f"{list(choices)} ({spec.help})")
     if name == "device" and not (value in ("auto", "cpu", "cuda") or (
             value.startswith("cuda:") and value[5:].isdigit())):
@@ -220,44 +301,287 @@ def check_param(name: str, value: Any) -> Any:
     return value
 
 
+def configure_threads() -> int:
+    """Set PyTorch's CPU threads for this notebook (:func:`mixlab.runtime.configure_threads`:
+    ``$MIXLAB_THREADS``, else 1 on a machine without CUDA); returns the count in force.
+    :func:`check_params` calls it, so every notebook does before anything heavy runs."""
+    from .runtime import configure_threads as configure
+    return configure()
+
+
 def check_params(**params: Any) -> dict[str, Any]:
     """Check a notebook's parameters (its papermill ``parameters`` cell) in one call, before
     anything runs: ``profile`` must be one of smoke / short / paper, every other parameter the
     type :data:`PARAMS` gives it (``-p epochs abc`` is an error, not ignored). Returns the
-    values normalised (see :func:`check_param`), in the order given.
+    values normalised (see :func:`check_param`), in the order given. Then sets the CPU threads
+    (:func:`configure_threads`).
 
     >>> p = check_params(profile=profile, seed=seed, methods=methods)
     >>> methods = p["methods"]          # "pgd_at,gairat" from the command line is a list now
     """
-    return {name: check_param(name, value) for name, value in params.items()}
+    checked = {name: check_param(name, value) for name, value in params.items()}
+    configure_threads()
+    return checked
+
+
+# ----------------------------------------------------------------------------- training
+def run_status(run_dir: str | Path, *, method_hp: dict[str, Any] | None = None,
+               **settings: Any) -> str:
+    """What :func:`mixlab.train.train_or_load` will do with these arguments: ``"load"`` (a
+    finished run with the same settings is there), ``"train"`` (nothing there, an unfinished
+    run, or ``overwrite=True``) or ``"refuse"`` (a run with other settings is there: it will
+    raise and say how they differ). Reads ``last.pt``; trains nothing."""
+    from .train import config_difference, load_checkpoint, resolve_config
+
+    run_dir = Path(run_dir)
+    wanted = resolve_config(run_dir=str(run_dir), method_hp=method_hp, **settings)
+    if wanted["overwrite"] or not (run_dir / "last.pt").exists():
+        return "train"
+    try:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+    except Exception:  # unreadable: train_or_load says why
+        return "refuse"
+    if config_difference(ckpt["config"], wanted):
+        return "refuse"
+    return "load" if ckpt["epoch"] + 1 >= wanted["epochs"] else "train"
+
+
+def train_or_load(*, run_dir: str | Path, which: str = "best",
+                  method_hp: dict[str, Any] | None = None, **settings: Any):
+    """:func:`mixlab.train.train_or_load` with one printed line first, so a notebook's output
+    shows whether it trained: ``training <run_dir>`` (also when it finishes an interrupted
+    run) or ``loading finished run <run_dir>``. Same arguments, same return value (the
+    ``which`` checkpoint as a :class:`mixlab.train.Run`), same errors."""
+    from . import train
+
+    status = run_status(run_dir, method_hp=method_hp, **settings)
+    if status != "refuse":  # a refused run_dir raises below, with the difference
+        print(f"{'loading finished run' if status == 'load' else 'training'} {run_dir}",
+              flush=True)
+    return train.train_or_load(run_dir=run_dir, which=which, method_hp=method_hp, **settings)
 
 
 # ----------------------------------------------------------------------------- evaluation
+#: bump when the meaning of a cached evaluation changes, so that old cache files are ignored
+EVAL_CACHE_FORMAT = 1
+#: the folder inside a run directory that holds cached evaluations
+EVAL_CACHE_DIR = "evaluations"
+
+
 def checkpoint_label(name: str, run) -> str:
     """Row name of a loaded checkpoint: ``"pgd_at (best, ep 2)"``."""
     return f"{name} ({run.which}, ep {run.epoch})"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_tensor(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash its bits
+        t = t.view(torch.int16)
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def evaluation_settings(**evaluate_kw: Any) -> dict[str, Any]:
+    """Every setting of :func:`mixlab.evaluate.evaluate` that changes its result, defaults
+    filled in and normalised (attack names as evaluate orders them, eps a float), as JSON
+    values: the part of an evaluation's cache key that is not the checkpoint or the images.
+    An unknown keyword, or ``run_dir`` / ``name`` (chosen by :func:`evaluate_checkpoints`),
+    is a TypeError; bad attack names are evaluate's errors."""
+    from .evaluate import _check_attack_names, evaluate
+
+    for own in ("run_dir", "name"):
+        if own in evaluate_kw:
+            raise TypeError(f"evaluate_checkpoints chooses {own} itself (the run folder); "
+                            f"do not pass {own}=")
+    settings = {k: v.default for k, v in inspect.signature(evaluate).parameters.items()
+                if v.kind is v.KEYWORD_ONLY and k not in ("run_dir", "name")}
+    unknown = sorted(set(evaluate_kw) - set(settings))
+    if unknown:
+        raise TypeError(f"evaluate() has no setting(s) {unknown}; known: {sorted(settings)}")
+    settings.update(evaluate_kw)
+    settings["attacks"] = _check_attack_names(settings["attacks"])
+    if settings["aa_attacks"] is not None and not isinstance(settings["aa_attacks"], str):
+        settings["aa_attacks"] = list(settings["aa_attacks"])
+    if isinstance(settings["eps"], (int, float)) and not isinstance(settings["eps"], bool):
+        settings["eps"] = float(settings["eps"])
+    return json.loads(json.dumps(settings, default=str))
+
+
+def checkpoint_fingerprint(run) -> dict[str, Any]:
+    """What identifies the checkpoint a loaded run came from: its file name, which (best or
+    last), epoch, size and the SHA-256 of its bytes."""
+    ckpt = Path(run.path) / f"{run.which}.pt"
+    return {"file": ckpt.name, "which": run.which, "epoch": run.epoch,
+            "size": ckpt.stat().st_size, "sha256": _sha256_file(ckpt)}
+
+
+def tensor_fingerprint(*tensors: torch.Tensor) -> dict[str, Any]:
+    """Shapes, dtypes and SHA-256 of the values of ``tensors``: equal exactly when the
+    tensors hold the same values (whichever indices or seed picked them)."""
+    return {"shapes": [list(t.shape) for t in tensors], "dtypes": [str(t.dtype) for t in tensors],
+            "sha256": [_sha256_tensor(t) for t in tensors]}
+
+
+def cached(folder: str | Path, name: str, key: dict[str, Any], compute) -> dict[str, Any]:
+    """``compute()`` (a dict of numpy arrays and JSON values, e.g.
+    :func:`mixlab.paths.interpolation_path`'s), cached as ``<folder>/<name>-<digest>.npz``
+    with ``key`` inside: a later call with an equal ``key`` loads the file instead (0-d
+    values come back as Python numbers and strings). A file that cannot be read or holds
+    another key is ignored with a printed line. Prints ``computing <name> ...`` or
+    ``loaded cached <name> ...``."""
+    import numpy as np
+
+    from .fileio import atomic_savez
+
+    key = json.loads(json.dumps(key, default=str))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(folder) / f"{name}-{digest}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                stored = json.loads(str(z["__key__"]))
+                values = json.loads(str(z["__values__"]))
+                arrays = {k: z[k] for k in z.files if not k.startswith("__")}
+        except Exception as err:  # corrupt, truncated, not ours: never trusted
+            print(f"ignoring unreadable cache {path} ({err.__class__.__name__}); computing "
+                  f"again", flush=True)
+        else:
+            if stored == key:
+                print(f"loaded cached {name} from {path}", flush=True)
+                return {**arrays, **values}
+            print(f"ignoring cache {path}: made with other settings; computing again",
+                  flush=True)
+    print(f"computing {name} (cache: {path})", flush=True)
+    result = compute()
+    arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
+    values = {k: v for k, v in result.items() if k not in arrays}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_savez(path, __key__=np.array(json.dumps(key)),
+                     __values__=np.array(json.dumps(values, default=float)), **arrays)
+    except (OSError, TypeError, ValueError) as err:  # read-only folder, values not JSON
+        print(f"could not cache {name} in {path} ({err})", flush=True)
+    return result
+
+
+def evaluation_key(run, x: torch.Tensor, y: torch.Tensor, **evaluate_kw: Any) -> dict[str, Any]:
+    """The cache key of one checkpoint's evaluation: the checkpoint (file name, epoch, size
+    and SHA-256 of its bytes), the images and labels (count, shape, dtype, SHA-256 of their
+    values: the exact test images, whatever indices or seed chose them) and every evaluate
+    setting (:func:`evaluation_settings`: attacks, eps, norm, batch size, seed, AutoAttack
+    version or list). Two evaluations with equal keys give the same result."""
+    return {
+        "format": EVAL_CACHE_FORMAT,
+        "checkpoint": checkpoint_fingerprint(run),
+        "data": {"n": len(x), "shape": list(x.shape), "dtype": str(x.dtype),
+                 "x_sha256": _sha256_tensor(x), "y_sha256": _sha256_tensor(y)},
+        "settings": evaluation_settings(**evaluate_kw),
+    }
+
+
+def _cache_path(run, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(run.path) / EVAL_CACHE_DIR / f"test_{run.which}-{digest}.json"
+
+
+def _load_cached(path: Path, key: dict[str, Any], n: int) -> dict[str, Any] | None:
+    """The cached result at ``path`` if it is there, parses and carries exactly ``key``;
+    otherwise None, with one printed line saying why a file that is there was not used."""
+    from .evaluate import load_result
+
+    if not path.exists():
+        return None
+    try:
+        result = load_result(path)
+    except (OSError, ValueError) as err:  # unreadable, or not JSON
+        print(f"ignoring unreadable cached evaluation {path} ({err.__class__.__name__}: "
+              f"{err}); evaluating again", flush=True)
+        return None
+    if not isinstance(result, dict) or result.get("cache_key") != key:
+        print(f"ignoring cached evaluation {path}: it was made with other settings or is not "
+              f"an evaluation; evaluating again", flush=True)
+        return None
+    per_example = result.get("per_example")
+    if (result.get("n") != n or not isinstance(result.get("robust"), (int, float))
+            or not isinstance(per_example, dict)
+            or any(not isinstance(v, list) or len(v) != n for v in per_example.values())):
+        print(f"ignoring incomplete cached evaluation {path}; evaluating again", flush=True)
+        return None
+    result.pop("cache_key")
+    return result
+
+
+def _save_quietly(result: dict[str, Any], path: Path, what: str) -> None:
+    from .evaluate import save_result
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_result(result, path)
+    except (OSError, ValueError) as err:  # a read-only run folder: the result stays usable
+        print(f"could not write {what} {path} ({err})", flush=True)
+
+
+def evaluate_checkpoint(name: str, run, x: torch.Tensor, y: torch.Tensor, *,
+                        also: str | None = None, **evaluate_kw: Any) -> dict[str, Any]:
+    """One checkpoint's :func:`mixlab.evaluate.evaluate` result, from the cache in its run
+    folder when an evaluation with the same key (:func:`evaluation_key`) is there, else
+    computed and cached. Prints one line, ``evaluating <row> ...`` or ``loaded cached
+    evaluation <row> ...``. The result is also written to ``<run>/test_<which>.json`` (and to
+    ``test_<also>.json`` when ``also`` names another checkpoint that is the same one)."""
+    from .evaluate import evaluate
+
+    key = evaluation_key(run, x, y, **evaluate_kw)
+    path = _cache_path(run, key)
+    label = checkpoint_label(name, run) if also is None else \
+        f"{name} ({run.which} = {also}, ep {run.epoch})"
+    result = _load_cached(path, key, len(x))
+    if result is not None:
+        print(f"loaded cached evaluation {label} from {path}", flush=True)
+        _save_quietly(result, Path(run.path) / f"test_{run.which}.json", "the evaluation")
+    else:
+        settings = key["settings"]
+        print(f"evaluating {label} on {len(x)} images: {', '.join(settings['attacks'])} "
+              f"(eps {settings['eps']:.4g}, {settings['norm']})", flush=True)
+        result = evaluate(run.model, x, y, run_dir=run.path, name=f"test_{run.which}",
+                          **evaluate_kw)
+        _save_quietly({**result, "cache_key": key}, path, "the cached evaluation")
+    if also is not None and result.get("saved_to"):
+        _save_quietly(result, Path(run.path) / f"test_{also}.json", "the evaluation")
+    return result
 
 
 def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
                          **evaluate_kw: Any) -> dict[str, dict[str, Any]]:
     """The selected (``best``) and the last checkpoint of a finished run, evaluated on the same
     images by one :func:`mixlab.evaluate.evaluate` call each (one in all when the best epoch is
-    the last), as rows ``"<name> (best, ep B)"`` and ``"<name> (last, ep L)"``. Each result is
-    also written to the run folder as ``test_<which>.json``. ``run`` is the best checkpoint as
-    ``train_or_load`` returns it; ``evaluate_kw`` go to ``evaluate`` (eps, norm, attacks, ...)."""
-    from .evaluate import evaluate, save_result
+    the last), as rows ``"<name> (best, ep B)"`` and ``"<name> (last, ep L)"``. ``run`` is the
+    best checkpoint as ``train_or_load`` returns it; ``evaluate_kw`` go to ``evaluate`` (eps,
+    norm, attacks, aa_attacks, batch_size, seed, ...).
+
+    Each evaluation is cached in the run folder (``evaluations/test_<which>-<key>.json``, the
+    result with its key) and reused when the same checkpoint file (same bytes) is evaluated
+    on the same images with the same settings; any change of checkpoint, images or setting
+    evaluates again, and a cache file that does not parse or does not carry the key is
+    ignored (with a printed line), never trusted. One line per checkpoint says which
+    happened. Each result is also written as ``test_<which>.json`` in the run folder."""
     from .train import load_run
 
+    evaluation_settings(**evaluate_kw)  # a bad keyword fails before any checkpoint loads
     best = run if run.which == "best" else load_run(run.path, which="best", device=x.device)
     last = load_run(run.path, which="last", device=x.device)
     rows = {}
-    result = evaluate(best.model, x, y, run_dir=best.path, name="test_best", **evaluate_kw)
-    rows[checkpoint_label(name, best)] = result
-    if last.epoch != best.epoch:
-        result = evaluate(last.model, x, y, run_dir=last.path, name="test_last", **evaluate_kw)
-    elif result["saved_to"]:  # the same checkpoint: its result is the last one's too
-        save_result(result, last.path / "test_last.json")
-    rows[checkpoint_label(name, last)] = result
+    if last.epoch == best.epoch:  # the same checkpoint: its result is the last one's too
+        result = evaluate_checkpoint(name, best, x, y, also="last", **evaluate_kw)
+        rows[checkpoint_label(name, best)] = rows[checkpoint_label(name, last)] = result
+        return rows
+    rows[checkpoint_label(name, best)] = evaluate_checkpoint(name, best, x, y, **evaluate_kw)
+    rows[checkpoint_label(name, last)] = evaluate_checkpoint(name, last, x, y, **evaluate_kw)
     return rows
 
 

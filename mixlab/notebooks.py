@@ -1,8 +1,13 @@
 """Run every notebook (or some) with papermill: ``python -m mixlab.notebooks --profile smoke``.
 
 Executed copies go to ``runs/notebooks/<profile>/`` (ignored by git); figures go to
-``figures/`` from inside the notebooks. The working directory is ``notebooks/``, as in
-JupyterLab, so relative paths behave the same everywhere.
+``figures/`` from inside the notebooks, or to ``$MIXLAB_FIGURES`` when set (see
+``mixlab.nbtools.figures_dir``). The working directory is ``notebooks/``, as in JupyterLab, so
+relative paths behave the same everywhere. CPU threads: ``$MIXLAB_THREADS``, else 1 on a
+machine without CUDA (``mixlab.runtime.configure_threads``), here and in every notebook.
+
+Run it inside a mixlab checkout. A notebook name that does not exist (``--only nosuch``), or
+no ``notebooks/`` folder above the current directory, is one error line and exit status 2.
 """
 from __future__ import annotations
 
@@ -13,16 +18,28 @@ from pathlib import Path
 from typing import Any
 
 from .cli import literal_value
-from .nbtools import project_dir
+from .nbtools import configure_threads, project_dir
+
+
+class NotebookError(ValueError):
+    """No notebooks where they were looked for, or a name that is not among them."""
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
-    """The repository's notebooks, sorted; ``only`` filters by stem (e.g. "amp_cifar10")."""
-    paths = sorted((project_dir() / "notebooks").glob("*.ipynb"))
+    """The repository's notebooks, sorted; ``only`` filters by stem (e.g. "amp_cifar10").
+    Raises :class:`NotebookError` when there is no ``notebooks/`` folder with notebooks (run
+    outside a checkout) or a name in ``only`` is not one of them."""
+    folder = project_dir() / "notebooks"
+    paths = sorted(folder.glob("*.ipynb"))
+    if not paths:
+        raise NotebookError(f"no notebooks in {folder}: {Path.cwd()} is not inside a mixlab "
+                            f"checkout; cd into the checkout first")
     if only:
-        missing = set(only) - {p.stem for p in paths}
+        names = [p.stem for p in paths]
+        missing = [name for name in dict.fromkeys(only) if name not in names]
         if missing:
-            raise ValueError(f"no notebook(s) {sorted(missing)}; have {[p.stem for p in paths]}")
+            raise NotebookError(f"no notebook named {', '.join(map(repr, missing))}; "
+                                f"choose from {', '.join(names)}")
         paths = [p for p in paths if p.stem in only]
     return paths
 
@@ -57,11 +74,17 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="KEY=VALUE", help="a notebook parameter (JSON value, else a string); "
                    "repeatable; a notebook without that parameter ignores it, as papermill does")
     args = p.parse_args(argv)
+    try:
+        paths = notebook_paths(args.only)
+    except NotebookError as err:
+        print(f"{p.prog}: error: {err}", file=sys.stderr)
+        return 2
+    configure_threads()  # this process's threads; each notebook sets its own in check_params
     out_dir = project_dir() / "runs" / "notebooks" / args.profile
     params = {"device": args.device} if args.device else {}
     params.update(args.param)
     failed = []
-    for path in notebook_paths(args.only):
+    for path in paths:
         t0 = time.perf_counter()
         try:
             run_notebook(path, profile=args.profile, out_dir=out_dir, parameters=params)

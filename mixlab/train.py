@@ -50,7 +50,9 @@ from .config import (PROFILES, RUN_ONLY_KEYS, SETTINGS, TRAIN_DEFAULTS,  # noqa:
 from .fileio import (RunLock, atomic_savez, atomic_torch_save, atomic_write_bytes,
                      atomic_write_json, safe_torch_load)
 from .methods import get_method
-from .models import build_model
+from .models import (CUSTOM_PREFIX, CustomModel, build_model, check_model_output,
+                     custom_model_name, registered_models)
+from .runtime import check_cpu_profile
 
 #: the files a training writes in its run directory (``overwrite=True`` removes them)
 RUN_FILES = ("config.json", "provenance.json", "metrics.jsonl", "last.pt", "best.pt",
@@ -243,11 +245,17 @@ def quick_eval(model, x, y, cfg, batch_size: int = 500) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- the loop
-def prepare_data(cfg: dict[str, Any], device: torch.device):
+def prepare_data(cfg: dict[str, Any], device: torch.device, data: Any = None):
     """(train split, validation split or None) as TensorDatasets on ``device``. The validation
-    split is held out of the training set (seeded by ``seed``); the test set is never read."""
-    train_ds = data_mod.load_dataset(cfg["dataset"], "train", root=cfg["data_root"],
-                                     download=cfg["download"])
+    split is held out of the training set (seeded by ``seed``); the test set is never read.
+
+    data: data passed to ``train(dataset=...)`` itself (tensors, a torch Dataset, ...; see
+    ``mixlab.data.as_tensor_datasets``), read instead of ``cfg["dataset"]``."""
+    if data is not None:
+        train_ds = data_mod.as_tensor_datasets(data)[0]
+    else:
+        train_ds = data_mod.load_dataset(cfg["dataset"], "train", root=cfg["data_root"],
+                                         download=cfg["download"])
     val_ds = None
     if cfg["val_size"]:
         if cfg["val_size"] >= len(train_ds):
@@ -277,6 +285,23 @@ def _check_labels(ds) -> None:
     if lo < 0 or hi >= ds.num_classes:
         raise ValueError(f"{ds.name} ({ds.split}) has labels in [{lo}, {hi}] but "
                          f"{ds.num_classes} classes: labels must lie in [0, {ds.num_classes - 1}]")
+
+
+def _data_info(cfg: dict[str, Any], train_ds) -> dict[str, Any]:
+    """What building a model and its loader need from the data: per-channel ``mean``/``std``
+    (for the model's Normalize layer) and ``image_size`` (random crops are for 32x32 data).
+    Built-in and registered datasets give their table (``mixlab.data.dataset_info``); the
+    statistics missing there, and those of data passed to ``train``, are measured on (up to
+    10,000 examples of) the training split."""
+    info = ({} if data_mod.is_custom_dataset(cfg["dataset"])
+            else data_mod.dataset_info(cfg["dataset"]))
+    if info.get("mean") is None or info.get("std") is None:
+        x = train_ds.x[:10_000].float().div_(255).transpose(0, 1).reshape(train_ds.x.shape[1], -1)
+        info["mean"] = tuple(x.mean(1).tolist())
+        info["std"] = tuple(x.std(1).clamp_min(1e-3).tolist())  # constant images: no 1/0
+    height, width = train_ds.x.shape[-2:]
+    info["image_size"] = height if height == width else (height, width)
+    return info
 
 
 def _read_json(path: Path) -> Any:
@@ -367,10 +392,28 @@ def train(*, method_hp: dict[str, Any] | None = None, **settings: Any):
     ``AttackSpec``. ``history`` is a list of per-epoch dicts (train loss/accuracy, validation
     accuracies ``val_clean``/``val_robust``, seconds, images per second). With ``run_dir``
     set, the run directory is written as the module docstring describes.
+
+    Your own model and data: ``model`` may be an ``nn.Module`` mapping (B, C, H, W) pixels in
+    [0, 1] to (B, num_classes) logits (recorded as ``"custom:<ClassName>"``; pass the same
+    module again to resume); ``dataset`` may be ``(x, y)`` tensors, ``((x, y), (x_test,
+    y_test))``, a torch ``Dataset`` of (image, label) pairs or an image-folder path
+    ``<path>/{train,test}/<class>/*.png|jpg`` (recorded as ``"custom:<description>"`` or the
+    path; ``eps`` must then be given). Names registered with
+    ``mixlab.models.register_model`` / ``mixlab.data.register_dataset`` work like built-ins.
     """
+    module, data = None, None
+    if isinstance(settings.get("model"), torch.nn.Module):
+        module = settings["model"]
+        settings["model"] = custom_model_name(module)
+    if settings.get("dataset") is not None and not isinstance(settings["dataset"], str):
+        if not isinstance(settings["dataset"], os.PathLike):
+            data = settings["dataset"]
+        settings["dataset"] = data_mod.custom_dataset_name(settings["dataset"])
     cfg = resolve_config(method_hp=method_hp, **settings)
     if cfg["run_dir"] is not None:
         _check_run_dir(Path(cfg["run_dir"]))
+    if cfg["tensorboard"]:
+        _require_tensorboard()
     device = pick_device(cfg["device"])
     use_bf16 = device.type == "cuda" if cfg["bf16"] is None else cfg["bf16"]
     use_cl = device.type == "cuda" if cfg["channels_last"] is None else cfg["channels_last"]
@@ -378,11 +421,16 @@ def train(*, method_hp: dict[str, Any] | None = None, **settings: Any):
     if device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = True
 
-    train_ds, val_ds = prepare_data(cfg, device)
-    info = data_mod.dataset_info(cfg["dataset"])
+    train_ds, val_ds = (prepare_data(cfg, device) if data is None
+                        else prepare_data(cfg, device, data))
+    info = _data_info(cfg, train_ds)
     in_channels = train_ds.x.shape[1]
-    model = build_model(cfg["model"], train_ds.num_classes, in_channels,
-                        mean=info.get("mean"), std=info.get("std")).to(device)
+    if module is not None:
+        model = CustomModel(module, num_classes=train_ds.num_classes,
+                            in_channels=in_channels).to(device)
+    else:
+        model = build_model(cfg["model"], train_ds.num_classes, in_channels,
+                            mean=info.get("mean"), std=info.get("std")).to(device)
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     method = get_method(cfg["method"])(num_train=len(train_ds), num_classes=train_ds.num_classes,
@@ -401,6 +449,11 @@ def train(*, method_hp: dict[str, Any] | None = None, **settings: Any):
     if len(loader) == 0:
         raise ValueError(f"batch_size={cfg['batch_size']} is larger than the training set "
                          f"({len(train_ds)} examples)")
+    # short/paper on a CPU: refused with the estimated time, before anything is written
+    check_cpu_profile(cfg, device, train_size=len(train_ds))
+    if module is not None or cfg["model"] in registered_models():  # not a built-in: check it
+        check_model_output(model, train_ds.x[:cfg["batch_size"]].float() / 255,
+                           train_ds.num_classes, name=f"model {cfg['model']!r}")
     if cfg["run_dir"] is None:
         return _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val_ds,
                     use_bf16, run_dir=None, ckpt=None)
@@ -441,11 +494,16 @@ def _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val
     metric = method.best_metric
     best_score = max((h[metric] for h in history if h.get(metric) is not None), default=-math.inf)
     last_epoch = cfg["epochs"] if cfg["stop_after"] is None else cfg["stop_after"]
-    progress = _progress(range(start_epoch, last_epoch), cfg)
+    bar = _progress(cfg, total=last_epoch * len(loader), initial=start_epoch * len(loader))
+    board = _tensorboard_writer(run_dir, cfg)
+    shown: dict[str, Any] = {}  # the bar's postfix: the epoch, then the last epoch's numbers
     state = dict(model=model, optimizer=optimizer, method=method, cfg=cfg, generator=generator)
 
-    for epoch in progress:
+    for epoch in range(start_epoch, last_epoch):
         model.train()
+        if bar is not None:
+            shown["epoch"] = f"{epoch + 1}/{cfg['epochs']}"
+            bar.set_postfix(shown, refresh=False)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -460,6 +518,8 @@ def _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val
             loss.backward()
             optimizer.step()
             step += 1
+            if bar is not None:
+                bar.update(1)  # a step count only: no host sync
             loss_sum += loss.detach().float() * len(batch.y)
             seen += len(batch.y)
             if logits is not None:
@@ -501,18 +561,54 @@ def _fit(cfg, device, model, optimizer, method, loader, generator, train_ds, val
                 best_score = score
                 atomic_torch_save(ckpt_state, run_dir / "best.pt")
             _write_metrics(run_dir, history)
-        if hasattr(progress, "set_postfix"):
-            progress.set_postfix({k: round(v, 3) for k, v in record.items()
-                                  if isinstance(v, float)})
+        if board is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, epoch + 1)
+            board.flush()
+        if bar is not None:
+            shown.update({k: round(v, 3) for k, v in record.items()
+                          if isinstance(v, float) and k != "seconds"})
+            bar.set_postfix(shown)
+    if bar is not None:
+        bar.close()
+    if board is not None:
+        board.close()
     model.eval()
     return model, history
 
 
-def _progress(epochs: range, cfg: dict[str, Any]):
+def _progress(cfg: dict[str, Any], *, total: int, initial: int = 0):
+    """One bar over the run's optimiser steps (the epoch in its postfix), or None when
+    ``quiet``. A resumed run starts the bar at the steps already done. The loop only counts
+    steps into it, so the bar never waits for the device."""
     if cfg["quiet"]:
-        return epochs
+        return None
     from tqdm.auto import tqdm
-    return tqdm(epochs, desc=f"{cfg['method']} {cfg['model']} {cfg['dataset']}", unit="epoch")
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                desc=f"{cfg['method']} {cfg['model']} {cfg['dataset']}")
+
+
+def _require_tensorboard() -> None:
+    """tensorboard=True needs the tensorboard package: one clear error before any file is
+    written."""
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"tensorboard=True needs the tensorboard package ({err}); install "
+                           f"it with `pip install mixlab[tensorboard]` (or pip install "
+                           f"tensorboard), or leave tensorboard off") from err
+
+
+def _tensorboard_writer(run_dir: Path | None, cfg: dict[str, Any]):
+    """A SummaryWriter on ``<run_dir>/tensorboard/`` when ``tensorboard`` is on, else None.
+    Each completed epoch's record (train_loss, train_acc, val_*, lr, img_per_s, ...) becomes
+    scalars at step = epoch; view them with ``tensorboard --logdir <run_dir>/tensorboard``."""
+    if not cfg["tensorboard"] or run_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _stop_nonfinite(run_dir, snapshot, cfg, epoch, step, bad_entries=()):
@@ -552,14 +648,20 @@ class Run:
 
 
 def load_run(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu",
-             num_classes: int | None = None) -> Run:
+             num_classes: int | None = None, model: torch.nn.Module | None = None) -> Run:
     """Load a run directory (or a checkpoint file): model, config and history.
 
     which: "best" (the epoch selected on the validation split) or "last". A run without a
     validation split has no "best" (the test set never selects a model): ask for "last".
-    Checkpoints with non-finite weights are refused. num_classes, if given, must match."""
+    Checkpoints with non-finite weights are refused. num_classes, if given, must match.
+    model: for a run trained on a module of your own (``train(model=module)``, recorded as
+    ``"custom:<ClassName>"``), a new module of the same class to load the weights into; the
+    returned ``Run.model.net`` is that module. A run of a model or dataset registered by name
+    (``register_model`` / ``register_dataset``) needs the same registration in this process."""
     if which not in ("best", "last"):
         raise ValueError(f"which={which!r} must be 'best' or 'last'")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model={model!r} must be an nn.Module (of the class the run trained)")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path={path!r} must be a run directory or checkpoint file (str or Path)")
     path = Path(path)
@@ -592,9 +694,27 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     if bad:
         raise CheckpointError(f"{ckpt_path} holds non-finite weights or buffers ({bad[:5]}); "
                               f"its numbers would mean nothing: retrain with a lower lr")
-    info = data_mod.dataset_info(cfg["dataset"])
-    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"],
-                        mean=info.get("mean"), std=info.get("std"))
+    if ckpt["arch"].startswith(CUSTOM_PREFIX):
+        if model is None:
+            raise CheckpointError(
+                f"{ckpt_path} holds a module of your own ({ckpt['arch']!r}) trained with "
+                f"train(model=...): mixlab cannot build it; pass a new one of the same class: "
+                f"load_run(path, model={ckpt['arch'][len(CUSTOM_PREFIX):]}(...))")
+        if custom_model_name(model) != ckpt["arch"]:
+            raise CheckpointError(f"{ckpt_path} holds a {ckpt['arch']!r} model but model= is "
+                                  f"a {type(model).__name__}; pass the class the run trained")
+        model = CustomModel(model, num_classes=ckpt["num_classes"],
+                            in_channels=ckpt["in_channels"])
+    else:
+        if model is not None:
+            raise ValueError(f"model= is for runs trained on a module of your own; {ckpt_path} "
+                             f"holds a {ckpt['arch']!r} model, which mixlab builds itself")
+        # the Normalize statistics come from the state dict; a registered dataset must still
+        # be registered in this process (mixlab.data.register_dataset), as at training
+        info = ({} if data_mod.is_custom_dataset(cfg["dataset"])
+                else data_mod.dataset_info(cfg["dataset"]))
+        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"],
+                            mean=info.get("mean"), std=info.get("std"))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

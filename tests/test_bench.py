@@ -62,10 +62,33 @@ def test_quick_run_writes_every_row_and_ratio(quick):
     assert 0 < rows["data_path"]["loader_share"] < 1  # making a batch costs less than a step
     assert result["eval"]["pgd20"]["img_per_s"] > 0 and result["eval"]["pgd20"]["n"] == 64
     assert "skipped" in result["eval"]["aa"]
-    # absolute speed targets claim nothing on a CPU; ratio targets are computed
+    # every target is a GPU target: a CPU run records the value but judges nothing
     targets = {t["target"]: t for t in result["targets"]}
-    assert targets["pgd_at / reference"]["met"] in (True, False)
-    assert all(t["met"] is None for name, t in targets.items() if "img/s" in name)
+    assert targets["pgd_at / reference"]["value"] == pytest.approx(ratios["pgd_at_vs_reference"])
+    assert all(t["met"] is None and t["status"] == "n/a on CPU (GPU target)"
+               for t in targets.values() if t["value"] is not None)
+
+
+def test_targets_are_judged_on_a_gpu_only():
+    """The same measurements read "met" / "NOT met" on a GPU run and "n/a on CPU (GPU target)"
+    on a CPU run; a target without a value reads "n/a (not measured)". The table prints it."""
+    rows = {"pgd_at": {"img_per_s": 9000.0}, "data_path": {"loader_share": 0.01}}
+    r = dict(vs_pgd_at={"pgd_at": 1.0}, pgd_at_vs_reference=2.0, data_path_overhead=None)
+    base = dict(rows=rows, ratios=r, config={"arch": "preactresnet18"}, eval={})
+    gpu = {t["target"]: t for t in bench.check_targets({**base, "device": "cuda"})}
+    assert gpu["pgd_at img/s on preactresnet18"]["status"] == "met"
+    assert gpu["pgd_at / reference"]["met"] is False
+    assert gpu["pgd_at / reference"]["status"] == "NOT met"
+    assert gpu["data path overhead"]["status"] == "n/a (not measured)"
+    cpu = bench.check_targets({**base, "device": "cpu"})
+    assert {t["status"] for t in cpu} == {"n/a on CPU (GPU target)", "n/a (not measured)"}
+    result = {**base, "rows": {"pgd_at": rows["pgd_at"]}, "ratios": {**r, "vs_ceiling": {}},
+              "device": "cpu", "targets": cpu, "label": "CPU run", "device_name": "CPU",
+              "data": {"dataset": "cifar10"}, "date": "2026-01-01", "provenance": {}}
+    lines = [line for line in bench.format_table(result).splitlines()
+             if line.startswith("target ")]
+    assert lines and not any("NOT met" in line for line in lines)
+    assert "target pgd_at / reference: 2.000 (goal >= 8.0): n/a on CPU (GPU target)" in lines
 
 
 @pytest.mark.slow

@@ -100,3 +100,52 @@ def test_set_for_another_method_is_one_error_line(capsys):
     assert len(err) == 1 and err[0].startswith("mixlab: error:"), err
     assert "amp.alpha" in err[0] and "mixup" in err[0]
     assert captured.out == ""
+
+
+def test_train_replays_a_config_file_with_overrides(tmp_path, capsys):
+    import torch
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--method", "mixup", "--dataset", "synthetic", "--profile", "smoke",
+                 "--epochs", "1", "--run-dir", str(first), "--set", "train_subset=256",
+                 "--set", "mixup.alpha=0.5", "--set", "quiet=true"]) == 0
+    assert main(["train", "--config", str(first / "config.json"),
+                 "--run-dir", str(second)]) == 0
+    a = torch.load(first / "last.pt", weights_only=True)["model"]
+    b = torch.load(second / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    # the file is the base; flags and --set override it
+    assert main(["train", "--config", str(first), "--epochs", "2", "--set", "mixup.alpha=0.3",
+                 "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["method"], cfg["epochs"], cfg["method_hp"]["alpha"]) == ("mixup", 2, 0.3)
+    assert cfg["train_subset"] == 256 and cfg["run_dir"] == str(first)
+    assert main(["train", "--config", str(tmp_path / "nope.json"), "--dry-run"]) == 2
+    assert "no config file" in capsys.readouterr().err
+
+
+def test_threads_tensorboard_and_slow_cpu_flags(tmp_path, capsys):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        for argv in (["--threads", "2", "info"], ["info", "--threads", "2"]):
+            assert main(argv) == 0
+            assert "threads: 2 (why: explicit)" in capsys.readouterr().out
+        assert main(["--threads", "0", "info"]) == 2
+        assert "threads=0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    assert main(["train", "--profile", "short", "--device", "cpu", "--allow-slow-cpu",
+                 "--tensorboard", "--run-dir", str(tmp_path / "r"), "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["allow_slow_cpu"] is True and cfg["tensorboard"] is True
+    assert main(["train", "--profile", "short", "--dataset", "synthetic", "--device", "cpu",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-slow-cpu" in err and not (tmp_path / "r").exists()
+
+
+def test_info_prints_the_thread_count():
+    import os
+    info = run_cli("info", env={**os.environ, "MIXLAB_THREADS": "1"})
+    assert info.returncode == 0 and "threads: 1 (why: MIXLAB_THREADS)" in info.stdout

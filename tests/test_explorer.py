@@ -142,6 +142,44 @@ def test_controls_recompute_paths():
     assert set(explorer.paths) == {"A"} and explorer.panels["B"].layout.display == "none"
 
 
+class _Run:
+    """A stand-in for ``mixlab.load_run``'s result: a model and its config."""
+    def __init__(self, method):
+        self.model = build_model("tiny", 10, 3)
+        self.config = {"method": method}
+
+
+def test_labels_help_and_titles_are_readable():
+    """Terms are explained, every class is named on the argmax strip, labels are not cut and
+    no title repeats a name."""
+    explorer = make_explorer()
+    help_text = explorer.help.value
+    for term in ("AN-PGD", "SLM", "soft logit margin", "PGD-CE", "crossing", "margin est.",
+                 "max_eps", "argmax"):
+        assert term in help_text, term
+    assert "SLM" in explorer.direction.tooltip and "AN-PGD" in explorer.direction.tooltip
+    for slot in ("A", "B"):
+        strip = explorer.figures[slot].layout.yaxis3
+        assert list(strip.tickvals) == explorer.classes == list(strip.ticktext)
+        assert tuple(strip.range) == (-0.5, len(explorer.classes) - 0.5)
+    # every thumbnail button shows its whole label: no fixed width that could cut it
+    for cell in explorer.thumbs.children:
+        button = cell.children[1]
+        assert button.layout.width == "auto" and button.description.split()[1] in \
+            explorer.classes
+    longest = max(map(len, DIRECTIONS.values()))
+    assert int(explorer.direction.layout.width.rstrip("px")) >= 7 * longest
+    # a run named after its method is not followed by the same name in brackets
+    runs = {"pgd_at": _Run("pgd_at"), "smoke model": _Run("mixup")}
+    explorer = MarginExplorer(runs, explorer.x_test, explorer.y_test, [f"class {k}" for k in range(10)], eps=8 / 255,
+                              steps=2, n_points=11, n_thumbs=2)
+    first_lines = [explorer.figures[s].layout.title.text.split("<br>")[0] for s in ("A", "B")]
+    assert first_lines == ["A: pgd_at", "B: smoke model [mixup]"]
+    for title in first_lines:
+        words = title.replace("[", " ").replace("]", " ").split()
+        assert len(words) == len(set(words)), title
+
+
 def test_path_figure_is_static():
     explorer = make_explorer()
     explorer.set_direction("anpgd")

@@ -1,9 +1,11 @@
 """Every notebook runs end to end with papermill in the smoke profile, on real data, training
-afresh (runs go to a temporary MIXLAB_RUNS), and its final cell of checks passes. Its
+afresh (runs go to a temporary MIXLAB_RUNS, figures to a temporary MIXLAB_FIGURES: a test
+never rewrites the committed figures), and its final cell of checks passes. Its
 parameters are checked by ``mixlab.nbtools.check_params`` before anything runs: a wrong
 profile or a parameter of the wrong type stops the notebook at once. nbval checks the
 quickstart notebook the way `pytest --nbval-lax` users would."""
 import ast
+import functools
 import os
 import subprocess
 import sys
@@ -12,11 +14,11 @@ import nbformat
 import pytest
 
 from mixlab import nbtools
-from mixlab.notebooks import notebook_paths, run_notebook
+from mixlab.notebooks import run_notebook
 
 from .conftest import REPO
 
-NOTEBOOKS = notebook_paths()
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
 def _require_real_data(data_root):
@@ -35,6 +37,7 @@ def test_notebook_runs_in_smoke_profile(path, tmp_path, monkeypatch, data_root):
     _require_real_data(data_root)
     monkeypatch.setenv("MIXLAB_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("MIXLAB_DATA", str(data_root))
+    monkeypatch.setenv("MIXLAB_FIGURES", str(tmp_path / "figures"))  # not the committed ones
     out = run_notebook(path, profile="smoke", out_dir=tmp_path)
     nb = nbformat.read(out, as_version=4)
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
@@ -124,7 +127,8 @@ def test_check_params_normalises_and_rejects():
 @pytest.mark.notebook
 def test_quickstart_under_nbval(tmp_path, data_root):
     _require_real_data(data_root)
-    env = {**os.environ, "MIXLAB_RUNS": str(tmp_path / "runs"), "MIXLAB_DATA": str(data_root)}
+    env = {**os.environ, "MIXLAB_RUNS": str(tmp_path / "runs"), "MIXLAB_DATA": str(data_root),
+           "MIXLAB_FIGURES": str(tmp_path / "figures")}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
          str(REPO / "notebooks" / "quickstart.ipynb")],
@@ -133,16 +137,18 @@ def test_quickstart_under_nbval(tmp_path, data_root):
     assert " passed" in result.stdout
 
 
+def _tiny_run(run_dir, epochs=3):
+    return nbtools.train_or_load(run_dir=run_dir, method="erm", dataset="synthetic",
+                                 model="tiny", epochs=epochs, batch_size=64, train_subset=256,
+                                 val_size=64, eval_steps=0, device="cpu", quiet=True)
+
+
 def test_evaluate_checkpoints_rows_files_and_report(tmp_path):
     """Both checkpoints of a run evaluated on the same images, labelled with their epoch, each
     written to the run folder; the table carries every row's masking report."""
     import torch
 
-    from mixlab.train import train_or_load
-
-    run = train_or_load(run_dir=tmp_path / "run", method="erm", dataset="synthetic",
-                        model="tiny", epochs=3, batch_size=64, train_subset=256, val_size=64,
-                        eval_steps=0, device="cpu", quiet=True)
+    run = _tiny_run(tmp_path / "run")
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     rows = nbtools.evaluate_checkpoints("erm", run, x, y, attacks=("clean", "fgsm"), eps=8 / 255)
     best, last = rows
@@ -151,3 +157,250 @@ def test_evaluate_checkpoints_rows_files_and_report(tmp_path):
     assert (run.path / "test_best.json").exists() and (run.path / "test_last.json").exists()
     text = nbtools.table_report({**rows, "paper": {"clean": 0.9}})
     assert text.count("masking report") == 2 and "| paper |" in text
+
+
+def test_train_or_load_says_whether_it_trains(tmp_path, capsys):
+    _tiny_run(tmp_path / "run", epochs=1)
+    assert capsys.readouterr().out.startswith(f"training {tmp_path / 'run'}\n")
+    _tiny_run(tmp_path / "run", epochs=1)
+    assert capsys.readouterr().out == f"loading finished run {tmp_path / 'run'}\n"
+
+
+def _lines(capsys, start):
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith(start)]
+
+
+def test_evaluations_are_cached_by_checkpoint_images_and_settings(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A second evaluation with the same checkpoint, images and settings loads the cached
+    JSON and attacks nothing; any change of setting, images or checkpoint evaluates again;
+    a cache file that does not parse or was tampered with is ignored, never trusted."""
+    import torch
+
+    import mixlab.evaluate
+
+    run = _tiny_run(tmp_path / "run")
+    capsys.readouterr()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    kw = dict(attacks=("clean", "fgsm"), eps=8 / 255)
+    first = nbtools.evaluate_checkpoints("erm", run, x, y, **kw)
+    n_checkpoints = len({id(r) for r in first.values()})  # 1 when best is the last epoch
+    assert len(_lines(capsys, "evaluating erm")) == n_checkpoints
+    cached = sorted((run.path / "evaluations").glob("*.json"))
+    assert len(cached) == n_checkpoints
+
+    real_evaluate = mixlab.evaluate.evaluate
+    calls = []
+
+    @functools.wraps(real_evaluate)
+    def counting_evaluate(*args, **kwargs):
+        calls.append(kwargs)
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(mixlab.evaluate, "evaluate", counting_evaluate)
+
+    # the same key, written differently (eps as an int fraction, clean named or not)
+    again = nbtools.evaluate_checkpoints("erm", run, x.clone(), y.clone(), attacks=["fgsm"],
+                                         eps=8 / 255, batch_size=500)
+    assert calls == [] and len(_lines(capsys, "loaded cached evaluation erm")) == n_checkpoints
+    assert {k: {m: v for m, v in r.items() if m != "seconds" and m != "img_per_s"}
+            for k, r in again.items()} == \
+        {k: {m: v for m, v in r.items() if m != "seconds" and m != "img_per_s"}
+         for k, r in first.items()}
+    assert "cache_key" not in next(iter(again.values()))
+
+    # any change of the key evaluates again
+    changes = [dict(kw, eps=4 / 255), dict(kw, norm="L2", eps=0.5), dict(kw, seed=1),
+               dict(kw, batch_size=8), dict(attacks=("clean", "pgd10"), eps=8 / 255)]
+    for changed in changes:
+        nbtools.evaluate_checkpoints("erm", run, x, y, **changed)
+        assert len(_lines(capsys, "evaluating erm")) == n_checkpoints, changed
+    nbtools.evaluate_checkpoints("erm", run, x[:8], y[:8], **kw)   # other images
+    assert len(_lines(capsys, "evaluating erm")) == n_checkpoints
+    x2 = x.clone()
+    x2[0, 0, 0, 0] = 1 - x2[0, 0, 0, 0]                               # one pixel changed
+    nbtools.evaluate_checkpoints("erm", run, x2, y, **kw)
+    assert len(_lines(capsys, "evaluating erm")) == n_checkpoints
+    calls.clear()
+
+    # a cache file that does not parse, or carries another key, is ignored and rewritten
+    for bad in ("{not json", '{"robust": 1.0, "n": 16}'):
+        for path in cached:
+            path.write_text(bad)
+        rows = nbtools.evaluate_checkpoints("erm", run, x, y, **kw)
+        out = capsys.readouterr().out
+        assert out.count("ignoring") == n_checkpoints and out.count("evaluating erm") == \
+            n_checkpoints, out
+        assert rows.keys() == first.keys()
+    assert len(calls) == 2 * n_checkpoints
+    nbtools.evaluate_checkpoints("erm", run, x, y, **kw)               # the rewritten cache
+    assert len(_lines(capsys, "loaded cached evaluation")) == n_checkpoints
+
+    # another checkpoint (the same file name, other bytes) evaluates again
+    state = torch.load(run.path / "best.pt", weights_only=False)
+    torch.save(state, run.path / "best.pt")  # same content, new bytes
+    key = nbtools.evaluation_key(run, x, y, **kw)
+    assert key["checkpoint"]["file"] == "best.pt"
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.add_(0.01)
+    state["model"] = {k: v.clone() for k, v in run.model.state_dict().items()}
+    torch.save(state, run.path / "best.pt")
+    assert nbtools.evaluation_key(run, x, y, **kw)["checkpoint"] != key["checkpoint"]
+
+    with pytest.raises(TypeError, match="no setting"):
+        nbtools.evaluate_checkpoints("erm", run, x, y, epsilon=0.1)
+    with pytest.raises(TypeError, match="chooses run_dir"):
+        nbtools.evaluate_checkpoints("erm", run, x, y, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("value", ["base,both", " base , both ", '["base","both"]',
+                                   "['base', 'both']", ["base", "both"], ("base", "both")])
+def test_list_parameters_parse_the_same_way(value):
+    assert nbtools.check_params(variants=value) == {"variants": ["base", "both"]}
+
+
+def test_list_parameter_errors_name_every_bad_entry():
+    assert nbtools.check_param("methods", '["pgd_at","gairat"]') == ["pgd_at", "gairat"]
+    assert nbtools.check_param("alphas", "[0.2, 1]") == [0.2, 1.0]
+    assert nbtools.check_param("lams", "-1, 0.5") == [-1.0, 0.5]
+    assert nbtools.check_param("datasets", '{"approx": "moons"}') == {"approx": "moons"}
+    bad = [("methods", '["pgd_at","madry","sgd"]', ValueError, "'madry', 'sgd' are not among"),
+           ("methods", "pgd_at,madry", ValueError, "'madry' is not one of"),
+           ("methods", '["pgd_at",', TypeError, "does not parse"),
+           ("methods", "[1, 2]", TypeError, "not strings: 1, 2"),
+           ("methods", '{"a": 1}', ValueError, "is not one of"),
+           ("variants", "[]", TypeError, "non-empty list"),
+           ("alphas", "0.2,abc", TypeError, "not numbers: 'abc'"),
+           ("datasets", "{'approx': ", TypeError, "does not parse")]
+    for name, value, error, message in bad:
+        with pytest.raises(error) as err:
+            nbtools.check_param(name, value)
+        assert message in str(err.value) and name in str(err.value), (value, str(err.value))
+
+
+def _check_params_call(source: str):
+    code = "\n".join(line for line in source.splitlines() if not line.startswith("%"))
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "check_params":
+            return compile(ast.Expression(node), "<check_params>", "eval")
+    raise AssertionError("no check_params call")
+
+
+@pytest.mark.parametrize("notebook, args, expected", [
+    ("amp_cifar10", ["-p", "variants", "base,both"], {"variants": ["base", "both"]}),
+    ("amp_cifar10", ["-p", "variants", '["base","both"]'], {"variants": ["base", "both"]}),
+    ("gairat_cifar10", ["-p", "methods", '["pgd_at","gairat"]'],
+     {"methods": ["pgd_at", "gairat"]}),
+    ("gairat_cifar10", ["-p", "methods", "pgd_at,gairat,fat"],
+     {"methods": ["pgd_at", "gairat", "fat"]}),
+    ("mixup_theory", ["-p", "alphas", "[0.5, 2]"], {"alphas": [0.5, 2.0]}),
+    ("margin_explorer", ["-p", "methods", '["erm"]', "-p", "run_dirs", "{}"],
+     {"methods": ["erm"], "run_dirs": {}}),
+], ids=["variants-commas", "variants-json", "methods-json", "methods-commas", "alphas",
+        "explorer"])
+def test_papermill_list_parameters_reach_check_params(notebook, args, expected, tmp_path):
+    """What papermill's command line injects (`-p` passes lists as strings) gives the
+    notebook's check_params call the lists above: the parameters cell, papermill's injected
+    cell and the check_params call run, nothing else (no training)."""
+    out = tmp_path / f"{notebook}.ipynb"
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "papermill") if (REPO / ".venv").exists() else
+         "papermill", str(REPO / "notebooks" / f"{notebook}.ipynb"), str(out), "--prepare-only",
+         *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"]
+    injected = [i for i, c in enumerate(cells)
+                if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected, "papermill injected no parameters"
+    namespace = {"nbtools": nbtools}
+    exec(cells[injected[0] - 1].source, namespace)  # the notebook's own parameters cell
+    exec(cells[injected[0]].source, namespace)      # papermill's
+    checked = eval(_check_params_call(cells[injected[0] + 1].source), namespace)
+    assert {k: checked[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_parameters_cell_states_each_type_for_papermill_help(path):
+    """`papermill --help-notebook` shows every parameter with its type (the `# type: ...`
+    comment of the parameters cell, the type mixlab.nbtools.PARAMS checks) and a meaning."""
+    from papermill.inspection import inspect_notebook
+
+    params = inspect_notebook(str(path))
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert set(params) == _parameter_names(cell.source), "papermill could not read them all"
+    for name, info in params.items():
+        assert info["inferred_type_name"] == nbtools.param_type(name), (path.name, name)
+        assert info["help"], f"{path.name}: parameter {name} needs a meaning after its type"
+
+
+def test_figures_go_to_mixlab_figures(tmp_path, monkeypatch):
+    """$MIXLAB_FIGURES (absolute, or relative to the project) replaces figures/."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.delenv("MIXLAB_FIGURES", raising=False)
+    assert nbtools.figures_dir() == nbtools.project_dir() / "figures"
+    monkeypatch.setenv("MIXLAB_FIGURES", "runs/figures")
+    assert nbtools.figures_dir() == nbtools.project_dir() / "runs" / "figures"
+    monkeypatch.setenv("MIXLAB_FIGURES", str(tmp_path / "figs"))
+    fig = plt.figure()
+    path = nbtools.save_figure(fig, "t", profile="smoke")
+    plt.close(fig)
+    table = nbtools.save_table({"a": {"clean": 0.5, "per_example": {}}}, "t", profile="smoke")
+    assert path == tmp_path / "figs" / "t_smoke.png" and path.with_suffix(".json").exists()
+    assert table == tmp_path / "figs" / "t_smoke.json"
+
+
+def test_notebooks_command_errors_exit_2(tmp_path, monkeypatch, capsys):
+    """An unknown notebook name, or a run outside a checkout, is one error line, exit 2."""
+    from mixlab.notebooks import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["--only", "nosuch", "quickstart"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no notebook named 'nosuch'" in err and "quickstart" in err
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not inside a mixlab checkout" in err
+    result = subprocess.run([sys.executable, "-m", "mixlab.notebooks", "--only", "nosuch"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_demo_target_writes_only_ignored_files():
+    """`make demo` sends figures and tables to the ignored runs/figures, with one thread
+    unless MIXLAB_THREADS is set (checked on the Makefile: running the demo takes minutes)."""
+    text = (REPO / "Makefile").read_text()
+    assert "demo: export MIXLAB_FIGURES = $(DEMO_FIGURES)" in text
+    assert "DEMO_FIGURES ?= $(CURDIR)/runs/figures" in text
+    assert "demo: export MIXLAB_THREADS ?= 1" in text
+    result = subprocess.run(["git", "check-ignore", "-q", "runs/figures/x.png"], cwd=REPO)
+    assert result.returncode == 0, "runs/figures must be ignored by git"
+
+
+def test_cached_arrays_reuse_and_distrust(tmp_path, capsys):
+    """nbtools.cached: an equal key loads the file (arrays and plain values back), another
+    key or a broken file computes again."""
+    import numpy as np
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": np.arange(3), "eps": 0.5, "norm": "Linf", "step_size": None}
+
+    first = nbtools.cached(tmp_path, "probe", {"eps": 0.5}, compute)
+    again = nbtools.cached(tmp_path, "probe", {"eps": 0.5}, compute)
+    assert len(calls) == 1 and "loaded cached probe" in capsys.readouterr().out
+    assert np.array_equal(again["a"], first["a"]) and again["eps"] == 0.5
+    assert again["norm"] == "Linf" and again["step_size"] is None
+    nbtools.cached(tmp_path, "probe", {"eps": 0.25}, compute)
+    assert len(calls) == 2
+    for path in tmp_path.glob("probe-*.npz"):
+        path.write_bytes(b"not an npz")
+    nbtools.cached(tmp_path, "probe", {"eps": 0.5}, compute)
+    assert len(calls) == 3 and "ignoring unreadable cache" in capsys.readouterr().out

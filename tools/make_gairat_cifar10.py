@@ -18,13 +18,13 @@ cells = [
        "profile short --cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 2k images, about a "
        "minute or two), `short` (GPU, PreActResNet-18, 30 epochs, ResNet schedule), `paper` "
        "(WRN-32-10, 120 epochs, begin_epoch 60)."),
-    code('profile = "smoke"                # smoke | short | paper\n'
-         'device = "auto"                  # auto | cpu | cuda\n'
-         'seed = 0\n'
-         'dataset = "cifar10"\n'
-         'methods = ["pgd_at", "gairat"]   # add "gair_fat" and/or "fat" to compare them too\n'
-         'lams = [-2.0, -1.0, 0.0, 1.0]    # λ values drawn in the weight-function figure\n'
-         'epochs = None                    # None: the profile\'s',
+    code('profile = "smoke"                # type: str  run size: smoke | short | paper\n'
+         'device = "auto"                  # type: str  auto | cpu | cuda | cuda:N\n'
+         'seed = 0                         # type: int  random seed of the runs and the κ probe\n'
+         'dataset = "cifar10"              # type: str  dataset name\n'
+         'methods = ["pgd_at", "gairat"]   # type: list[str]  methods trained and compared; keep gairat, add gair_fat or fat\n'
+         'lams = [-2.0, -1.0, 0.0, 1.0]    # type: list[float]  λ values drawn in the weight-function figure\n'
+         'epochs = None                    # type: int|None  training epochs; None: the profile\'s',
          metadata={"tags": ["parameters"]}),
     code("%matplotlib inline\n"
          "import matplotlib.pyplot as plt\n"
@@ -36,9 +36,9 @@ cells = [
          "from mixlab.data import load_dataset\n"
          "from mixlab.methods import get_method\n"
          "from mixlab.methods.gairat import WEIGHT_FNS, gair_weights\n"
-         "from mixlab.train import TRAIN_DEFAULTS, prepare_data, train_or_load\n\n"
+         "from mixlab.train import TRAIN_DEFAULTS, prepare_data\n\n"
          "# the parameters, checked before anything runs (a wrong profile or type stops here;\n"
-         "# `-p methods pgd_at,gairat,gair_fat` from the papermill command line becomes a list)\n"
+         "# `-p methods pgd_at,gairat` and `-p methods '[\"pgd_at\",\"gairat\"]'` both become a list)\n"
          "p = nbtools.check_params(profile=profile, device=device, seed=seed, dataset=dataset,\n"
          "                         methods=methods, lams=lams, epochs=epochs)\n"
          "methods, lams = p[\"methods\"], p[\"lams\"]\n"
@@ -60,13 +60,14 @@ cells = [
          "         \"fat\": dict(clean=0.8916, pgd20=0.5124, pgd_plus=0.4614),\n"
          "         \"gairat\": dict(clean=0.8575, pgd20=0.5781, pgd_plus=0.5561),\n"
          "         \"gair_fat\": dict(clean=0.8859, pgd20=0.5621, pgd_plus=0.5350)}\n"
-         "assert \"gairat\" in methods, \"this notebook is about GAIRAT: keep it in `methods`\"\n"
+         "if \"gairat\" not in methods:\n"
+         "    raise ValueError(f\"parameter methods={methods}: this notebook is about GAIRAT, keep 'gairat' in it\")\n"
          "print(f\"profile={profile} device={dev} methods={methods} budget={budget}\")"),
     md("## Train (or load the finished runs)\n\n"
        "Each method's run lives in `runs/gairat_cifar10/<profile>/<method>`; a second execution "
        "loads it. GAIRAT logs κ and the weight of every training example each epoch "
        "(`run.method_arrays()`)."),
-    code("runs = {m: train_or_load(run_dir=nbtools.run_dir(\"gairat_cifar10\", profile,\n"
+    code("runs = {m: nbtools.train_or_load(run_dir=nbtools.run_dir(\"gairat_cifar10\", profile,\n"
          "                                               m + (f\"-ep{epochs}\" if epochs else \"\")),\n"
          "                         method=m,\n"
          "                         dataset=dataset, profile=profile, seed=seed, device=str(dev),\n"

@@ -12,22 +12,23 @@ cells = [
        "`mixlab.margins.estimate_margin`) are drawn for two models side by side, with the "
        "perturbed image below. The whole path is computed in one batched forward per model when "
        "the image, direction or model changes, so the slider itself is instant.\n\n"
-       "Live: open this notebook in JupyterLab (`.venv/bin/jupyter lab`) and run all cells. "
+       "Live: open this notebook in JupyterLab (`.venv/bin/jupyter lab`; as root add "
+       "`--allow-root`) and run all cells. "
        "Headless: `papermill notebooks/margin_explorer.ipynb runs/margin_explorer.ipynb -p profile "
        "smoke --cwd notebooks` builds the widgets and saves a static figure of one path to "
        "`figures/margin_explorer_path_<profile>.png`. Profiles: `smoke` (CPU, tiny CNN, seconds), "
        "`short` (GPU, PreActResNet-18), `paper`."),
-    code('profile = "smoke"             # smoke (CPU, seconds) | short (GPU, minutes) | paper\n'
-         'device = "auto"               # auto | cpu | cuda\n'
-         'seed = 0                      # seeds the runs trained here and the random direction\n'
-         'dataset = "cifar10"           # cifar10 | mnist | cifar100 | svhn\n'
-         'norm = "Linf"                 # threat model: Linf | L2\n'
-         'methods = ["erm", "pgd_at"]   # runs trained (or reused) here when run_dirs is empty\n'
-         'run_dirs = {}                 # name -> directory of any finished run, loaded instead\n'
-         'image_index = 0               # test image the explorer opens on\n'
-         'direction = "anpgd"           # pgd | anpgd | random | image\n'
-         'target_index = 1              # the image walked towards when direction is "image"\n'
-         'n_points = 101                # points per path (one batched forward per model)',
+    code('profile = "smoke"             # type: str  run size: smoke (CPU, seconds) | short (GPU, minutes) | paper\n'
+         'device = "auto"               # type: str  auto | cpu | cuda | cuda:N\n'
+         'seed = 0                      # type: int  seeds the runs trained here and the random direction\n'
+         'dataset = "cifar10"           # type: str  cifar10 | mnist | cifar100 | svhn\n'
+         'norm = "Linf"                 # type: str  threat model: Linf | L2\n'
+         'methods = ["erm", "pgd_at"]   # type: list[str]  runs trained (or reused) here when run_dirs is empty\n'
+         'run_dirs = {}                 # type: dict  name -> directory of any finished run, loaded instead\n'
+         'image_index = 0               # type: int  test image the explorer opens on\n'
+         'direction = "anpgd"           # type: str  pgd | anpgd | random | image\n'
+         'target_index = 1              # type: int  the image walked towards when direction is "image"\n'
+         'n_points = 101                # type: int  points per path (one batched forward per model)',
          metadata={"tags": ["parameters"]}),
     code('%matplotlib inline\n'
          'import math\n\n'
@@ -35,7 +36,7 @@ cells = [
          'from mixlab import nbtools\n'
          'from mixlab.data import dataset_info, load_dataset\n'
          'from mixlab.explorer import MarginExplorer\n'
-         'from mixlab.train import load_run, train_or_load\n\n'
+         'from mixlab.train import load_run\n\n'
          '# the parameters, checked before anything runs (a wrong profile or type stops here)\n'
          'methods = nbtools.check_params(profile=profile, device=device, seed=seed, dataset=dataset, norm=norm,\n'
          '                               methods=methods, run_dirs=run_dirs, image_index=image_index,\n'
@@ -51,7 +52,7 @@ cells = [
     code('if run_dirs:\n'
          '    runs = {name: load_run(path, device=dev) for name, path in run_dirs.items()}\n'
          'else:\n'
-         '    runs = {m: train_or_load(run_dir=nbtools.run_dir("margin_explorer", profile, f"{dataset}-{norm}-{m}"),\n'
+         '    runs = {m: nbtools.train_or_load(run_dir=nbtools.run_dir("margin_explorer", profile, f"{dataset}-{norm}-{m}"),\n'
          '                             method=m, dataset=dataset, norm=norm, profile=profile, seed=seed,\n'
          '                             device=str(dev), quiet=True)\n'
          '            for m in methods}\n'
@@ -67,7 +68,9 @@ cells = [
        "walked (Linf: also in 1/255). Lines: grey = eps of the threat model, red = where this path "
        "first leaves the true class, green = the margin estimate. Along the AN-PGD direction of a "
        "model the red and green lines of that model should nearly meet; along a random direction "
-       "the crossing lies far beyond the margin."),
+       "the crossing lies far beyond the margin. *What the terms mean* under the controls "
+       "explains PGD-CE, AN-PGD, SLM, the lines and the argmax strip; hovering over a control "
+       "says what it does."),
     code('explorer = MarginExplorer(runs, test.x, test.y, test.classes, norm=norm, eps=eps,\n'
          '                          max_eps=max_eps, n_points=n_points, direction=direction,\n'
          '                          image=image_index, target=target_index, seed=seed)\n'

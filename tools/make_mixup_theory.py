@@ -31,14 +31,14 @@ there); equation numbers are not quoted. They are:
 Run headless: `papermill notebooks/mixup_theory.ipynb runs/mixup_theory.ipynb -p profile smoke --cwd notebooks`.
 Profiles: `smoke` (CPU, under two minutes, MNIST SmallCNN as the robustness proxy), `short`
 (GPU: CIFAR-10 PreActResNet-18), `paper` (WRN-16-8 on SVHN when its data is present, else CIFAR-10)."""),
-    code('profile = "smoke"        # smoke (CPU, < 2 min) | short (GPU, minutes) | paper\n'
-         'alphas = [0.2, 1.0]      # mixup Beta(alpha, alpha) parameters compared throughout\n'
-         'seed = 0                 # seeds the toy data, initialisations, mixing draws and runs\n'
+    code('profile = "smoke"        # type: str  run size: smoke (CPU, < 2 min) | short (GPU, minutes) | paper\n'
+         'alphas = [0.2, 1.0]      # type: list[float]  mixup Beta(alpha, alpha) parameters compared throughout\n'
+         'seed = 0                 # type: int  seeds the toy data, initialisations, mixing draws and runs\n'
          '# data per role: sections 1-2 (moons | gaussian), section 3 (gaussian: the theorem needs\n'
          '# linearly separable data), section 4 (auto: mnist for smoke, svhn if present else cifar10)\n'
-         'datasets = {"approx": "moons", "bound": "gaussian", "robust": "auto"}\n'
-         'device = "auto"          # section 4 only (auto | cpu | cuda); the theory runs on CPU, float64\n'
-         'run_dir = ""             # section 4 runs; empty: runs/mixup_theory/<profile>',
+         'datasets = {"approx": "moons", "bound": "gaussian", "robust": "auto"}  # type: dict  dataset per role\n'
+         'device = "auto"          # type: str  section 4 only (auto | cpu | cuda); the theory runs on CPU, float64\n'
+         'run_dir = ""             # type: str  section 4 runs; empty: runs/mixup_theory/<profile>',
          metadata={"tags": ["parameters"]}),
     code(r'''import time
 
@@ -358,7 +358,6 @@ First, completing section 2: the train/test gap against α on a small MNIST subs
 
 from mixlab.data import find_dataset, load_dataset
 from mixlab.evaluate import predict, robust_accuracy_curve
-from mixlab.train import train_or_load
 
 dev = nbtools.resolve_device(device)
 base = Path(run_dir) if run_dir else nbtools.run_dir("mixup_theory", profile)
@@ -370,7 +369,7 @@ def run_for(dataset, a, **extra):
     name = f"{dataset}-{method}" + (f"-a{a:g}" if a else "")
     # eval_steps=0: only clean accuracy on the validation split during training (ERM and mixup
     # select their best checkpoint by it); the curves below do the attacking
-    return train_or_load(run_dir=base / name, dataset=dataset, method=method, profile=profile,
+    return nbtools.train_or_load(run_dir=base / name, dataset=dataset, method=method, profile=profile,
                          seed=seed, device=str(dev), quiet=True, eval_steps=0, method_hp=hp,
                          **extra)
 

@@ -49,14 +49,14 @@ Every run holds out a validation split of the training set (as the paper's 45k/5
 Paper setup: {s['paper_setup']}.
 
 Run headless: `papermill notebooks/{name}.ipynb runs/{name}.ipynb -p profile short --cwd notebooks` (also `-p norm L2`, `-p d_max ...`). Profiles: {s['profiles']}."""),
-        new_code_cell(f"""profile = "smoke"     # smoke | short | paper
-device = "auto"       # auto | cpu | cuda
-seed = 0
-dataset = "{dataset}"
-norm = "Linf"         # Linf | L2
-d_max = 0.0           # MMA's hinge, pixel units; {s['d_max_doc']}
-clean_coeff = -1.0    # c of (1 - c)·MMA + c·clean CE; < 0: the paper's 1/3 (0 gives OMMA)
-epochs = None         # None: the profile's""",
+        new_code_cell(f"""profile = "smoke"     # type: str  run size: smoke | short | paper
+device = "auto"       # type: str  auto | cpu | cuda | cuda:N
+seed = 0              # type: int  random seed of the runs
+dataset = "{dataset}"    # type: str  dataset name
+norm = "Linf"         # type: str  threat model: Linf | L2
+d_max = 0.0           # type: float  MMA's hinge, pixel units; {s['d_max_doc']}
+clean_coeff = -1.0    # type: float  c of (1 - c)·MMA + c·clean CE; < 0: the paper's 1/3 (0 gives OMMA)
+epochs = None         # type: int|None  training epochs; None: the profile's""",
                       metadata={"tags": ["parameters"]}),
         new_code_cell("""%matplotlib inline
 import matplotlib.pyplot as plt
@@ -67,7 +67,7 @@ from mixlab.data import load_dataset
 from mixlab.evaluate import masking_report, robust_accuracy_curve
 from mixlab.margins import run_margins
 from mixlab.methods.mma import PRESETS
-from mixlab.train import resolve_config, train_or_load
+from mixlab.train import resolve_config
 
 # the parameters, checked before anything runs (a wrong profile or type stops here)
 nbtools.check_params(profile=profile, device=device, seed=seed, dataset=dataset, norm=norm,
@@ -117,7 +117,7 @@ print(f"profile={profile} device={dev} norm={norm} d_max={d_max:.4f} max_eps={ma
 Each run lives in `runs/""" + name + """/<profile>/<norm>-dmax<d_max>/<method>`; a second execution loads it. MMA keeps every training example's ε\\* in a device tensor indexed by dataset index, saved in its checkpoints and logged each epoch (`run.method_arrays()`); its best checkpoint is the one with the largest mean margin on the validation split, as in the paper."""),
         new_code_cell(f"""tag = (f"{{norm}}-dmax{{d_max:.4g}}-c{{hp['clean_coeff']:.3g}}"
        + (f"-ep{{epochs}}" if epochs else ""))
-runs = {{name: train_or_load(run_dir=nbtools.run_dir("{name}", profile, tag, name), **config)
+runs = {{name: nbtools.train_or_load(run_dir=nbtools.run_dir("{name}", profile, tag, name), **config)
         for name, config in configs.items()}}
 speed = {{name: np.mean([h["img_per_s"] for h in run.history]) for name, run in runs.items()}}
 for name, run in runs.items():

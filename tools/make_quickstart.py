@@ -14,20 +14,19 @@ cells = [
        "Run headless: `papermill notebooks/quickstart.ipynb runs/quickstart.ipynb -p profile short "
        "--cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 1k images, seconds), `short` (GPU, "
        "PreActResNet-18, minutes), `paper` (110 epochs)."),
-    code('profile = "smoke"     # smoke | short | paper\n'
-         'device = "auto"       # auto | cpu | cuda\n'
-         'seed = 0\n'
-         'dataset = "cifar10"   # cifar10 | cifar100 | svhn | mnist\n'
-         'epochs = None         # None: the profile\'s\n'
-         'run_dir = ""          # empty: runs/quickstart/<profile>/<dataset>-pgd_at',
+    code('profile = "smoke"     # type: str  run size: smoke | short | paper\n'
+         'device = "auto"       # type: str  auto | cpu | cuda | cuda:N\n'
+         'seed = 0              # type: int  random seed of data order, initialisation and attacks\n'
+         'dataset = "cifar10"   # type: str  cifar10 | cifar100 | svhn | mnist\n'
+         'epochs = None         # type: int|None  training epochs; None: the profile\'s\n'
+         'run_dir = ""          # type: str  run folder; empty: runs/quickstart/<profile>/<dataset>-pgd_at',
          metadata={"tags": ["parameters"]}),
     code("%matplotlib inline\n"
          "import matplotlib.pyplot as plt\n"
          "import torch\n\n"
          "from mixlab import checks, nbtools\n"
          "from mixlab.attacks import pgd\n"
-         "from mixlab.data import load_dataset\n"
-         "from mixlab.train import train_or_load\n\n"
+         "from mixlab.data import load_dataset\n\n"
          "# the parameters, checked before anything runs (a wrong profile or type stops here)\n"
          "nbtools.check_params(profile=profile, device=device, seed=seed, dataset=dataset,\n"
          "                     epochs=epochs, run_dir=run_dir)\n"
@@ -44,7 +43,7 @@ cells = [
     md("## Train (or load the finished run)\n\n"
        "`train_or_load` returns the selected checkpoint: the epoch with the best PGD accuracy on "
        "the validation split."),
-    code("run = train_or_load(run_dir=run_dir, method=\"pgd_at\", dataset=dataset, profile=profile,\n"
+    code("run = nbtools.train_or_load(run_dir=run_dir, method=\"pgd_at\", dataset=dataset, profile=profile,\n"
          "                    seed=seed, device=str(dev), quiet=True, **budget)\n"
          "model, cfg = run.model, run.config\n"
          "print(cfg[\"model\"], f\"eps={cfg['eps']:.4f}\", f\"{len(run.history)} epochs, validation \"\n"

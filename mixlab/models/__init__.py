@@ -22,6 +22,10 @@ Names (case-insensitive; '-', '_' and spaces are ignored where that is unambiguo
     smallcnn         TRADES SmallCNN for MNIST, 0.31M
     lenet5-madry     Madry et al.'s MNIST CNN, 3.27M
     tiny             ~15k-parameter CNN for CPU smoke tests
+
+Models of your own: `register_model(name, constructor)` makes a name valid everywhere a built-in
+name is (train, the command line, load_run in a process that registered it too), and
+`train(model=module)` trains any module mapping pixels in [0, 1] to logits (as `CustomModel`).
 """
 
 import numbers
@@ -39,7 +43,8 @@ from .wide_resnet import WideResNet, blocks_per_stage
 __all__ = [
     "build_model", "available_models", "canonical_name", "MODELS", "Normalize", "NormalizedModel",
     "CIFAR10_MEAN", "CIFAR10_STD", "PreActResNet", "PreActResNet18", "WideResNet", "SmallCNN",
-    "LeNet5Madry", "Tiny",
+    "LeNet5Madry", "Tiny", "register_model", "unregister_model", "registered_models", "CustomModel",
+    "check_model_output", "custom_model_name", "CUSTOM_PREFIX",
 ]
 
 # Per-channel statistics of the CIFAR-10 training set, pixels in [0, 1]
@@ -120,9 +125,66 @@ _ALIASES = {
 _WRN_PATTERN = re.compile(r"(?:wrn|wide[-_]?resnet)[-_]?(\d+)[-_x](\d+)")
 
 
+# Models of your own, by name: register_model(name, constructor). Lower-case name ->
+# constructor(num_classes, in_channels) -> a bare network (normalised input) or a NormalizedModel.
+_REGISTERED: dict[str, Callable[[int, int], nn.Module]] = {}
+
+#: prefix of the ``model`` setting of a run trained on a module passed to ``train(model=...)``
+CUSTOM_PREFIX = "custom:"
+
+
 def available_models() -> list[str]:
-    """The registry names, plus the generic 'wrn-<depth>-<width>' form."""
-    return list(MODELS) + ["wrn-<depth>-<width>"]
+    """The registry names, the generic 'wrn-<depth>-<width>' form, then the names registered
+    with `register_model`."""
+    return list(MODELS) + ["wrn-<depth>-<width>"] + list(_REGISTERED)
+
+
+def register_model(name: str, constructor: Callable[[int, int], nn.Module]) -> None:
+    """Make `name` a model like the built-ins: valid as `train(model=name)`, `--set model=name`
+    and in `load_run` (in a process that registered it too).
+
+    constructor(num_classes, in_channels) returns either a bare network taking *normalised*
+    input (as the `MODELS` entries; `build_model` puts the dataset's `Normalize` in front), or a
+    `NormalizedModel` that carries its own normalisation. Either way the result maps
+    (N, in_channels, H, W) to (N, num_classes) logits; training checks that on one batch.
+    Names are case-insensitive. Raises ValueError for a name already taken or a constructor
+    that is not callable.
+
+    >>> register_model("mlp", lambda num_classes, in_channels: nn.Sequential(
+    ...     nn.Flatten(), nn.LazyLinear(num_classes)))
+    >>> train(model="mlp", dataset="synthetic", epochs=1)
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"register_model: name={name!r} must be a non-empty string")
+    key = name.strip().lower()
+    if key.startswith(CUSTOM_PREFIX):
+        raise ValueError(f"register_model: name={name!r} may not start with {CUSTOM_PREFIX!r} "
+                         f"(that prefix marks a module passed to train(model=...))")
+    try:
+        taken = canonical_name(key)
+    except ValueError:
+        taken = None
+    if taken is not None:
+        raise ValueError(f"register_model: the name {name!r} is taken (it means {taken!r}); "
+                         f"pick another, or unregister_model({name!r}) first")
+    if not callable(constructor) or isinstance(constructor, nn.Module):
+        raise ValueError(f"register_model: constructor={constructor!r} must be a function (or "
+                         f"class) called as constructor(num_classes, in_channels) that returns "
+                         f"a new network")
+    _REGISTERED[key] = constructor
+
+
+def registered_models() -> list[str]:
+    """The names given to `register_model` in this process."""
+    return list(_REGISTERED)
+
+
+def unregister_model(name: str) -> None:
+    """Forget a name given to `register_model` (KeyError if it was not registered)."""
+    key = str(name).strip().lower()
+    if key not in _REGISTERED:
+        raise KeyError(f"model {name!r} is not registered")
+    del _REGISTERED[key]
 
 
 def canonical_name(name: str) -> str:
@@ -130,7 +192,13 @@ def canonical_name(name: str) -> str:
 
     Raises ValueError, listing the known names, for anything else.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"model={name!r} must be a name (a string) or, for train, an nn.Module")
+    if name.strip().lower().startswith(CUSTOM_PREFIX):
+        return CUSTOM_PREFIX + name.strip()[len(CUSTOM_PREFIX):]  # a module passed to train
     key = name.strip().lower()
+    if key in _REGISTERED:
+        return key
     match = _WRN_PATTERN.fullmatch(key)
     if match:
         depth, width = int(match.group(1)), int(match.group(2))
@@ -141,7 +209,10 @@ def canonical_name(name: str) -> str:
     squashed = re.sub(r"[-_\s]", "", key)
     if squashed in _ALIASES:
         return _ALIASES[squashed]
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(available_models())}")
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(available_models())}. "
+                     f"A model of your own must be registered in this process first, with "
+                     f"mixlab.models.register_model({name!r}, constructor), or passed as a "
+                     f"module: train(model=module)")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, *,
@@ -160,6 +231,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *,
     from torch's global RNG (seed it for reproducibility).
     """
     arch = canonical_name(name)
+    if arch.startswith(CUSTOM_PREFIX):
+        raise ValueError(f"model {arch!r} was a module passed to train(model=...): mixlab "
+                         f"cannot build it by name; pass the module again (train(model=module), "
+                         f"load_run(path, model=module)), or register a constructor with "
+                         f"mixlab.models.register_model")
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2 (10 for CIFAR-10/MNIST/SVHN, "
                          f"100 for CIFAR-100), got {num_classes!r}")
@@ -174,7 +250,20 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *,
         std = CIFAR10_STD if in_channels == 3 else (1.0,)
     mean, std = _per_channel(mean, in_channels, "mean"), _per_channel(std, in_channels, "std")
 
-    if arch in MODELS:
+    if arch in _REGISTERED:
+        net = _REGISTERED[arch](num_classes, in_channels)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"the constructor registered for model {arch!r} returned "
+                             f"{type(net).__name__}, not an nn.Module")
+        if isinstance(net, NormalizedModel):  # it brings its own normalisation
+            if (net.num_classes, net.in_channels) != (num_classes, in_channels):
+                raise ValueError(
+                    f"the constructor registered for model {arch!r} returned a model for "
+                    f"{net.num_classes} classes and {net.in_channels} channels, but "
+                    f"{num_classes} and {in_channels} were asked for")
+            net.arch = arch
+            return net
+    elif arch in MODELS:
         net = MODELS[arch](num_classes, in_channels)
     else:  # a generic wrn-<depth>-<width>, already validated by canonical_name
         _, depth, width = arch.split("-")
@@ -192,3 +281,57 @@ def _per_channel(values, in_channels: int, what: str) -> tuple[float, ...]:
         raise ValueError(f"{what} has {len(values)} values but the model has {in_channels} "
                          f"input channels; give one value per channel")
     return tuple(values)
+
+
+class CustomModel(nn.Module):
+    """A module of your own, as `train(model=module)` trains it: `model.net` is your module
+    (trained in place), `model(x) == model.net(x)`, and `arch` ('custom:<ClassName>'),
+    `num_classes` and `in_channels` are recorded with checkpoints like a built-in model's.
+
+    Your module takes (N, C, H, W) pixels in [0, 1] (normalise inside it if it needs to) and
+    returns (N, num_classes) logits.
+    """
+
+    def __init__(self, net: nn.Module, *, num_classes: int, in_channels: int):
+        super().__init__()
+        self.net = net
+        self.arch = custom_model_name(net)
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch!r}, num_classes={self.num_classes}, in_channels={self.in_channels}"
+
+
+def custom_model_name(module: nn.Module) -> str:
+    """The ``model`` setting recorded for a module passed to ``train``: 'custom:<ClassName>'."""
+    return CUSTOM_PREFIX + type(module).__name__
+
+
+@torch.no_grad()
+def check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, *,
+                       name: str = "model") -> None:
+    """Run `model` once on the batch `x` (pixels in [0, 1]) and check that it returns finite
+    (B, num_classes) logits; raises one ValueError saying what came back otherwise. The model
+    is run in eval mode (no BatchNorm statistics change) and put back in its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except Exception as err:
+        raise ValueError(f"{name} failed on a training batch of shape {tuple(x.shape)} "
+                         f"(pixels in [0, 1]): {type(err).__name__}: {err}") from err
+    finally:
+        model.train(was_training)
+    expected = (x.shape[0], num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} must map images (B, C, H, W) in [0, 1] to logits of shape "
+                         f"(B, num_classes) = {expected}, but a training batch of shape "
+                         f"{tuple(x.shape)} gave {got}")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} returned NaN/inf logits on a training batch of shape "
+                         f"{tuple(x.shape)}; check its initialisation and normalisation")
