@@ -110,7 +110,7 @@ def run(command: str, cwd: Path, env: dict[str, str], timeout: int = TIMEOUT) ->
 
 def test_readme_has_the_examples():
     """The parser finds what README shows: a guard against a format change hiding everything."""
-    assert len(COMMANDS) >= 8 and len(SNIPPETS) == 1
+    assert len(COMMANDS) >= 8 and len(SNIPPETS) == 2
     assert any(c.startswith("python -m mixlab train") for c in COMMANDS)
     run_here = [c for c in COMMANDS if skip_reason(c) is None]
     assert len(run_here) >= 6, run_here
