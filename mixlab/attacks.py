@@ -82,7 +82,7 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "ce") -> torc
 
 
 # ----------------------------------------------------------------------------- helpers
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
     """A Python / numpy real number (not a bool, not a tensor)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -106,7 +106,7 @@ def _check_radius(value, name: str, norm: str, *, positive: bool) -> None:
     """Check one radius-like argument (eps or step_size) in pixel units: a Python number must
     be finite and >= 0 (> 0 when ``positive``), at most 1 for a Linf eps; a tensor's values
     are checked (finite, >= 0) only where that is free (see the module docstring)."""
-    if _is_number(value):
+    if is_number(value):
         v = float(value)
         if not math.isfinite(v):
             example = "eps=8/255" if name == "eps" else "step_size=2/255"
@@ -478,7 +478,7 @@ def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
                         f"{type(tau).__name__} {tau!r}")
     if tau < 0:
         raise ValueError(f"tau counts misclassified iterates and must be >= 0, got {tau}")
-    if not _is_number(omega) or not math.isfinite(omega) or omega < 0:
+    if not is_number(omega) or not math.isfinite(omega) or omega < 0:
         raise ValueError(f"omega is the std of the step noise and must be a finite number "
                          f">= 0, got omega={omega!r}")
     x = x.detach()

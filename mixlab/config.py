@@ -37,10 +37,11 @@ import numbers
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+
+import torch
 
 from . import data as data_mod
-from .attacks import NORMS
+from .attacks import NORMS, is_number
 from .methods import METHODS, AttackSpec, get_method
 
 PROFILE_NAMES = ("smoke", "short", "paper")
@@ -153,11 +154,6 @@ def _fmt(value: Any) -> str:
     return repr(value)
 
 
-def _is_number(value: Any) -> bool:
-    """A real number (Python or numpy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
 def check_setting(key: str, value: Any, *, where: str = "setting") -> Any:
     """Check one engine setting; returns it normalised (tuples become lists, ints allowed for
     floats). Raises ValueError/TypeError naming the setting, the value and what is allowed."""
@@ -180,7 +176,7 @@ def check_setting(key: str, value: Any, *, where: str = "setting") -> Any:
                                 f"({spec.help})")
         value = int(value)  # numpy integers too; config.json holds plain numbers
     elif kind == "float":
-        if not _is_number(value):
+        if not is_number(value):
             raise TypeError(f"{where} {key}={_fmt(value)} must be a number ({spec.help})")
         value = float(value)
         if not math.isfinite(value):
@@ -190,7 +186,7 @@ def check_setting(key: str, value: Any, *, where: str = "setting") -> Any:
             raise TypeError(f"{where} {key}={_fmt(value)} must be a string ({spec.help})")
     elif kind == "floats":
         if not isinstance(value, (list, tuple)) or not all(
-                _is_number(v) and math.isfinite(v) for v in value):
+                is_number(v) and math.isfinite(v) for v in value):
             raise TypeError(f"{where} {key}={_fmt(value)} must be a list of finite numbers, "
                             f"e.g. {spec.default}")
         value = [float(v) for v in value]
@@ -203,6 +199,16 @@ def check_setting(key: str, value: Any, *, where: str = "setting") -> Any:
         op = "<" if spec.high_open else "<="
         raise ValueError(f"{where} {key}={_fmt(value)} must be {op} {spec.high} ({spec.help})")
     return value
+
+
+def check_device_name(name: Any) -> None:
+    """A device setting must be auto, cpu, cuda or cuda:N (a torch.device passes too); whether
+    CUDA is present is checked when the run starts (``mixlab.train.pick_device``)."""
+    if isinstance(name, str) and (name in ("auto", "cpu", "cuda") or (
+            name.startswith("cuda:") and name[5:].isdigit())):
+        return
+    if not isinstance(name, torch.device):
+        raise ValueError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 def _check_combination(cfg: dict[str, Any]) -> None:
@@ -230,10 +236,7 @@ def _check_combination(cfg: dict[str, Any]) -> None:
         raise ValueError(f"stop_after={cfg['stop_after']} is beyond epochs={cfg['epochs']}")
     from .models import canonical_name
     cfg["model"] = canonical_name(cfg["model"])  # one spelling per architecture, or an error
-    device = cfg["device"]
-    if device not in ("auto", "cpu", "cuda") and not (
-            device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N")
+    check_device_name(cfg["device"])
 
 
 def _unknown_message(unknown: list[str], method_name: str) -> str:

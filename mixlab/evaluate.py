@@ -45,7 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .attacks import (PIXEL_TOL, _check_count, _is_number, check_eps, check_label_tensor,
+from .attacks import (PIXEL_TOL, _check_count, is_number, check_eps, check_label_tensor,
                       eval_mode, fgsm, pgd)
 from .fileio import atomic_write_text
 
@@ -383,7 +383,7 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
     """
     attacks = _check_attack_names(attacks)
     aa_attacks = _check_aa(attacks, aa_version, aa_attacks)
-    if not _is_number(eps):
+    if not is_number(eps):
         raise TypeError(f"eps must be a number in pixel units (e.g. 8/255), got "
                         f"{type(eps).__name__} {eps!r}")
     check_eps(eps, norm)

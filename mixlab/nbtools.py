@@ -43,10 +43,10 @@ def project_dir(start: str | Path | None = None) -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto': CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The notebooks' ``device`` parameter as a torch.device: ``mixlab.train.pick_device``
+    ('auto' is CUDA when present, else CPU; a bad name or a missing GPU is one clear error)."""
+    from .train import pick_device
+    return pick_device(device)
 
 
 def run_dir(notebook: str, profile: str, *parts: str, root: str | Path | None = None) -> Path:
@@ -301,24 +301,18 @@ def check_param(name: str, value: Any) -> Any:
     return value
 
 
-def configure_threads() -> int:
-    """Set PyTorch's CPU threads for this notebook (:func:`mixlab.runtime.configure_threads`:
-    ``$MIXLAB_THREADS``, else 1 on a machine without CUDA); returns the count in force.
-    :func:`check_params` calls it, so every notebook does before anything heavy runs."""
-    from .runtime import configure_threads as configure
-    return configure()
-
-
 def check_params(**params: Any) -> dict[str, Any]:
     """Check a notebook's parameters (its papermill ``parameters`` cell) in one call, before
     anything runs: ``profile`` must be one of smoke / short / paper, every other parameter the
     type :data:`PARAMS` gives it (``-p epochs abc`` is an error, not ignored). Returns the
     values normalised (see :func:`check_param`), in the order given. Then sets the CPU threads
-    (:func:`configure_threads`).
+    (:func:`mixlab.runtime.configure_threads`: ``$MIXLAB_THREADS``, else 1 without CUDA), so
+    every notebook does before anything heavy runs.
 
     >>> p = check_params(profile=profile, seed=seed, methods=methods)
     >>> methods = p["methods"]          # "pgd_at,gairat" from the command line is a list now
     """
+    from .runtime import configure_threads
     checked = {name: check_param(name, value) for name, value in params.items()}
     configure_threads()
     return checked

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .cli import literal_value
-from .nbtools import configure_threads, project_dir
+from .nbtools import project_dir
+from .runtime import configure_threads
 
 
 class NotebookError(ValueError):

@@ -46,7 +46,7 @@ import torch
 from . import data as data_mod
 from .attacks import pgd
 from .config import (PROFILES, RUN_ONLY_KEYS, SETTINGS, TRAIN_DEFAULTS,  # noqa: F401
-                     attack_spec, config_difference, resolve_config)
+                     attack_spec, check_device_name, config_difference, resolve_config)
 from .fileio import (RunLock, atomic_savez, atomic_torch_save, atomic_write_bytes,
                      atomic_write_json, safe_torch_load)
 from .methods import get_method
@@ -69,11 +69,9 @@ class CheckpointError(RuntimeError):
 
 def pick_device(name: str) -> torch.device:
     """'auto' means CUDA when present, else CPU; asking for CUDA without one is an error."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(name, (str, torch.device)) or (isinstance(name, str) and not (
-            name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()))):
-        raise ValueError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device; "

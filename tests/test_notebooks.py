@@ -236,7 +236,7 @@ def test_evaluations_are_cached_by_checkpoint_images_and_settings(tmp_path, caps
     assert len(_lines(capsys, "loaded cached evaluation")) == n_checkpoints
 
     # another checkpoint (the same file name, other bytes) evaluates again
-    state = torch.load(run.path / "best.pt", weights_only=False)
+    state = torch.load(run.path / "best.pt", weights_only=True)
     torch.save(state, run.path / "best.pt")  # same content, new bytes
     key = nbtools.evaluation_key(run, x, y, **kw)
     assert key["checkpoint"]["file"] == "best.pt"
