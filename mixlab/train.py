@@ -360,10 +360,10 @@ def _sync_run_files(run_dir: Path, ckpt: dict[str, Any], best_metric: str) -> No
     """After a kill: make metrics.jsonl and best.pt agree with last.pt (the source of truth)."""
     history = ckpt["history"]
     _write_metrics(run_dir, history, only_if_changed=True)
-    scores = [h.get(best_metric) for h in history]
-    if any(v is not None for v in scores):
-        best_epoch = max(range(len(scores)), key=lambda i: (scores[i] is not None,
-                                                            scores[i] or 0.0, -i))
+    scored = [(h[best_metric], -i) for i, h in enumerate(history)
+              if h.get(best_metric) is not None]
+    if scored:
+        best_epoch = -max(scored)[1]  # the earliest of the best, as training keeps it
         best_ok = False
         if (run_dir / "best.pt").exists():
             best_ok = load_checkpoint(run_dir / "best.pt")["epoch"] == best_epoch

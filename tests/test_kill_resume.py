@@ -427,3 +427,19 @@ def test_the_command_line_exits_3_on_a_nonfinite_loss(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mixlab: error:") and "nonfinite.pt" in err[0]
     assert (tmp_path / "run" / "nonfinite.pt").exists()
+
+
+def test_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
+    """The window a random kill rarely hits: last.pt of an epoch that is the best so far is
+    written, best.pt still holds an older epoch. Resuming must make best.pt that epoch."""
+    run_dir = tmp_path / "run"
+    train(run_dir=str(run_dir), **SHORT)
+    last = load_checkpoint(run_dir / "last.pt")
+    metric = get_method(last["config"]["method"]).best_metric
+    for i, record in enumerate(last["history"]):  # make the final epoch the clear best
+        record[metric] = 1.0 if i == last["epoch"] else 0.0
+    torch.save(last, run_dir / "last.pt")
+    stale = dict(last, epoch=0)  # best.pt as left by the kill: an older epoch
+    torch.save(stale, run_dir / "best.pt")
+    train(run_dir=str(run_dir), **SHORT)  # finished: nothing trains, the files are repaired
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == last["epoch"]
