@@ -94,15 +94,17 @@ def threads_reason() -> str:
 
 
 # ----------------------------------------------------------------------------- CPU cost
-def forward_equivalents(method: str, steps: int) -> float:
-    """A method's work per training example in forward-equivalents (``mixlab.bench``'s
-    PassCounter: 3 per training pass, 2 per attack pass, 1 per probe), for a training attack of
-    ``steps`` PGD iterations. The counts are those the bench measured at 10 steps: erm and mixup
-    3; pgd_at, amp, fat, gair_fat, gairat 3 + 2 x 10 = 23; mma 2 x 3 + 2 x 10 + 11 = 37."""
+def forward_equivalents(cfg: dict[str, Any]) -> float:
+    """A resolved config's work per training example in forward-equivalents (``mixlab.bench``'s
+    PassCounter: 3 per training pass, 2 per attack pass, 1 per probe), for its training attack
+    of ``steps`` PGD iterations. The counts are those the bench measured at 10 steps: erm and
+    mixup 3; pgd_at, amp, fat, gair_fat, gairat 3 + 2 x 10 = 23; mma 2 x 3 + 2 x 10 + 11 = 37
+    (one probe at the PGD point and ``search_steps`` = 10 bisection probes)."""
+    method, steps = cfg["method"], cfg["steps"]
     if method in ("erm", "mixup"):
         return 3.0
-    if method == "mma":  # two training passes, an attack, and steps + 1 probes (bisection)
-        return 6.0 + 2.0 * steps + (steps + 1)
+    if method == "mma":  # two training passes, an attack, 1 + search_steps probes
+        return 6.0 + 2.0 * steps + 1 + cfg["method_hp"]["search_steps"]
     return 3.0 + 2.0 * steps  # one training pass on the output of a PGD attack
 
 
@@ -125,7 +127,7 @@ def estimate_cpu_seconds(cfg: dict[str, Any], train_size: int | None = None) -> 
         if cfg["train_subset"]:
             train_n = min(train_n, cfg["train_subset"])
     epochs = cfg["epochs"] if cfg.get("stop_after") is None else cfg["stop_after"]
-    work = forward_equivalents(cfg["method"], cfg["steps"]) * train_n * epochs
+    work = forward_equivalents(cfg) * train_n * epochs
     if cfg["val_size"]:
         val_n = min(cfg["val_size"], cfg["eval_subset"] or cfg["val_size"])
         evals = -(-epochs // cfg["eval_every"])
@@ -156,7 +158,7 @@ def check_cpu_profile(cfg: dict[str, Any], device: torch.device,
     raise ValueError(
         f"profile={cfg['profile']!r} is sized for a GPU: {cfg['method']} on {cfg['model']} for "
         f"{cfg['epochs']} epochs would take about {_duration(seconds)} on this CPU (one thread; "
-        f"{forward_equivalents(cfg['method'], cfg['steps']):.0f} forward-equivalents per "
+        f"{forward_equivalents(cfg):.0f} forward-equivalents per "
         f"example at ~{rate:.0f} per second{basis}; see mixlab.runtime). Use profile='smoke' "
         f"to try things on a CPU, or pass allow_slow_cpu=True (command line --allow-slow-cpu) "
         f"to start it anyway")

@@ -148,3 +148,12 @@ def test_estimate_follows_the_pass_counts():
     assert pgd / erm == pytest.approx(23 / 3)  # bench: 23 vs 3 forward-equivalents at 10 steps
     # 50,000 examples (no validation split) x 15 epochs x 23 forward-equivalents at 100 per second
     assert pgd == pytest.approx(50_000 * 15 * 23 / 100)
+
+
+def test_mma_estimate_counts_its_bisection_probes_not_the_pgd_steps():
+    """MMA's probes are search_steps + 1, whatever the PGD steps (the bench's 37 at 10/10)."""
+    base = dict(profile="short", method="mma")
+    assert runtime.forward_equivalents(resolve_config(**base)) == 37
+    assert runtime.forward_equivalents(resolve_config(**base, steps=20)) == 57
+    assert runtime.forward_equivalents(
+        resolve_config(**base, method_hp={"search_steps": 5})) == 32
