@@ -19,15 +19,16 @@ help:
 	@echo "make test   - set up .venv and data, run the test suite"
 	@echo "make notebooks - run every notebook with papermill in PROFILE"
 	@echo "make bench  - python -m mixlab.bench (quick on CPU)"
-	@echo "make device-pack - wheels and data for a GPU session's device calls (DEVELOPERS.md)"
+	@echo "make device-pack - wheels and data for running on an offline GPU machine (docs/gpu_machine.md)"
 
 setup: $(STAMP)
 
-# One venv, installed once; pyproject.toml changes trigger a reinstall.
+# One venv, installed once with every extra (all: notebooks, eval, tensorboard) and the test
+# tools; pyproject.toml changes trigger a reinstall.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,browser]"
+	$(PY) -m pip install -q -e ".[all,test,browser]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $(STAMP)
 
@@ -74,7 +75,7 @@ notebooks: setup data
 bench: setup
 	$(PY) -m mixlab.bench $(if $(filter smoke,$(PROFILE)),--quick,)
 
-# what a GPU run carries to the remote GPU machine (ignored .carry/; DEVELOPERS.md)
+# wheels and data for an offline GPU machine, in the ignored .carry/ (docs/gpu_machine.md)
 device-pack:
 	python3 tools/device_kit.py pack --shared-data $(SHARED_DATA)
 	python3 tools/device_kit.py plan

@@ -296,6 +296,40 @@ def autocast_for(x: torch.Tensor, bf16: bool | None):
     return torch.autocast(x.device.type, dtype=torch.bfloat16)
 
 
+def fp32(device: torch.device):
+    """Autocast off on ``device`` for the block, also inside a caller's autocast block."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast: nothing to switch off
+        return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def eval_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The model's fp32 logits (N, K) for x (N, C, H, W), in eval mode (its previous mode is
+    restored), ``batch_size`` examples per forward, no autograd, autocast off: the forward
+    pass that every evaluation, margin search and path plot reads."""
+    with eval_mode(model), fp32(x.device):
+        return torch.cat([model(x[i:i + batch_size]).float()
+                          for i in range(0, len(x), batch_size)])
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Predicted labels (N,) from :func:`eval_logits`."""
+    return eval_logits(model, x, batch_size).argmax(1)
+
+
+def pgd_step_size(eps, steps: int, *, scale: float = 2.5, floor: float = 0.25):
+    """The step of a ``steps``-step PGD in a ball of radius ``eps`` (pixel units):
+    ``scale·eps/steps``, so that the steps add up to 2.5 radii and reach the boundary from any
+    start (Madry et al. 2018, arXiv 1706.06083), and never below ``floor·eps``: eps/4 for 10
+    steps or more, the usual step of PGD-10/20 and of every evaluation. ``floor=0`` is MMA's
+    rule, 2.5·eps/steps (Ding et al. 2020, arXiv 1812.02637), and takes per-example (B,)
+    tensors; with a floor, eps is a float."""
+    step = scale * eps / steps
+    return max(floor * eps, step) if floor else step
+
+
 # ----------------------------------------------------------------------------- attacks
 def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps,
          norm: str = "Linf", loss: str = "ce", bf16: bool | None = None) -> torch.Tensor:
@@ -438,6 +472,45 @@ def boundary_bisection(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return hi
 
 
+def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str,
+                    max_eps: float, steps: int = 20, search_steps: int = 10,
+                    step_scale: float = 2.5, batch_size: int = 500) -> torch.Tensor:
+    """Estimated input-space margin of each example, shape (N,), pixel units.
+
+    The margin of (x, y) is the smallest ||δ|| with f(x + δ) ≠ y (x + δ in [0, 1]), the
+    quantity MMA maximises (Ding et al. 2020, arXiv 1812.02637). Every distance returned was
+    probed; the official "ANPGD for test" differs (docs/mma.md#the-validation-margin).
+    Distance measure: ``norm`` ("Linf" or "L2"). PGD-``steps`` on the SLM loss at radius
+    ``max_eps`` with step ``step_scale``·max_eps/steps and a random start, then
+    ``search_steps`` bisection steps along u = (x_adv - x)/max_eps for the smallest t at which
+    ``clamp(x + t·u, 0, 1)`` is misclassified (argmax ≠ y). Everything runs in fp32 (no bf16
+    autocast): near the boundary bf16 logits are too coarse to place it, and one precision
+    makes the estimates of every caller comparable.
+
+    Args:
+        x: (N, C, H, W) in [0, 1]; y: (N,) labels; any model mapping pixels to logits.
+        batch_size: examples per attack batch (memory only: each example is searched alone).
+    Returns:
+        (N,) float tensor on x's device: 0 where the clean point is already misclassified,
+        ``max_eps`` where no misclassified point was found up to max_eps, else the distance, an
+        upper bound on the true margin (up to max_eps / 2**search_steps).
+
+    >>> margin = estimate_margin(model, x_test, y_test, norm="Linf", max_eps=16/255)   # (N,)
+    """
+    check_eps(max_eps, norm)
+    step_size = pgd_step_size(max_eps, steps, scale=step_scale, floor=0)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        correct = predict(model, xb, batch_size) == yb
+        x_adv = pgd(model, xb, yb, eps=max_eps, step_size=step_size, steps=steps, norm=norm,
+                    loss="slm", bf16=False)
+        eps = boundary_bisection(model, xb, yb, (x_adv - xb) / max_eps, lo=0.0, hi=max_eps,
+                                 steps=search_steps, margin="cw", bf16=False)
+        out.append(torch.where(correct, eps, torch.zeros_like(eps)))
+    return torch.cat(out) if out else torch.zeros(0, device=x.device)
+
+
 # ----------------------------------------------------------------------------- FAT's PGD
 def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps,
                       step_size, steps: int, tau: int = 0, omega: float = 0.0, norm: str = "Linf",
@@ -461,7 +534,8 @@ def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
             units. steps: K, the most PGD steps. tau: the budget τ >= 0 (int).
         loss: attack loss maximised, "ce" (FAT) or "cw" / "slm".
         return_kappa: also return GAIRAT's κ (B,) int64: iterates still classified correctly
-            while the example was running (as the official GA_earlystop counts it).
+            while the example was running, each compared with its own label (the official
+            GA_earlystop compares with misaligned labels once examples stop; docs/gairat.md).
     Returns:
         x_adv (B, C, H, W) in [0, 1] within eps of x; or (x_adv, kappa).
 

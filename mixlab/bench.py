@@ -9,25 +9,25 @@ figure is wall-clock time of real work, not of queued kernels.
 
 Rows:
 
-* ``ceiling``: a plain forward + backward + SGD step on one fixed on-device batch, with the same
-  arch, batch, precision and memory format as the methods: the speed of light for one pass.
+* ``ceiling``: ``erm``'s step (forward, cross-entropy, backward, SGD) on one fixed on-device
+  batch, with the same arch, batch, precision and memory format as the methods: the speed of
+  light for one pass.
 * ``reference``: PGD-10 adversarial training the way research code does it (the official GAIRAT
-  code, Zhang et al. 2021, arXiv 2010.01736): a torchvision ``DataLoader`` with CPU transforms
-  (``RandomCrop(32, 4)``, ``RandomHorizontalFlip``, ``ToTensor``) over PIL images, fp32, no
-  channels_last, no compile, and a per-example Python loop counting kappa on the host. The anchor
-  users come from.
+  code, Zhang et al. 2021, arXiv 2010.01736; ``mixlab.bench_reference``): a torchvision
+  ``DataLoader`` with CPU transforms over PIL images, fp32, no channels_last, no compile, and a
+  per-example Python loop counting kappa on the host. The anchor users come from.
 * every method in ``mixlab.methods.METHODS`` (``erm``, ``mixup``, ``pgd_at``, and whatever else is
-  registered when the bench runs), with its own defaults and the PGD-10 inner loop, through the same
-  public pieces the engine uses: ``get_method(name)(...)``, ``.loss(...)`` under bf16 autocast,
-  channels_last, a ``DeviceLoader`` over a device-resident dataset, an SGD step.
+  registered when the bench runs), with its own defaults and the PGD-10 inner loop, through the
+  engine's own step, ``mixlab.train.train_step`` (the method's loss under bf16 autocast, backward,
+  SGD), channels_last and a ``DeviceLoader`` over a device-resident dataset.
 * ``data_path``: ``pgd_at`` on one fixed on-device batch against ``pgd_at`` through the real
-  ``DeviceLoader``; the difference is what the data path costs (target: under 3%).
+  ``DeviceLoader``; the difference is what the data path costs.
 
-Then ratios from the same run (method / ceiling, pgd_at / reference, method / pgd_at), evaluation
-throughput (PGD-20 and AutoAttack through ``mixlab.evaluate.evaluate``), peak GPU memory per row,
-and the speed targets with met / NOT met. Every target is a GPU target: a CPU run prints its
-values with "n/a on CPU (GPU target)". The JSON goes to ``results/bench-<device>-<date>.json``
-with the settings, versions, device and git commit.
+Then ratios from the same run (method / ceiling, pgd_at / reference, method / pgd_at; see
+``mixlab.bench_report``), evaluation throughput (PGD-20 and AutoAttack through
+``mixlab.evaluate.evaluate``) and peak GPU memory per row. The bench prints measurements and
+ratios only; the speeds mixlab is built to reach on a GPU are in docs/benchmark.md. The JSON goes
+to ``results/bench-<device>-<date>.json`` with the settings, versions, device and git commit.
 
 On a CPU the absolute speeds are not claims (speed figures come from a GPU run only), but the
 ratios are meaningful; the output says "CPU" wherever it could be mistaken for a GPU result.
@@ -44,34 +44,35 @@ import datetime
 import gc
 import importlib.metadata
 import itertools
-import json
 import platform
 import re
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import data as data_mod
-from .evaluate import evaluate, predict
-from .methods import METHODS, get_method
+from .attacks import predict
+from .bench_reference import reference_loader, reference_step
+from .bench_report import format_bench_table, jsonable, ratios, write_result
+from .config import TRAIN_DEFAULTS, attack_spec, resolve_config
+from .evaluate import evaluate
+from .methods import METHODS, Method, get_method
 from .models import build_model
-from .config import attack_spec
-from .train import TRAIN_DEFAULTS, load_run, pick_device, provenance, resolve_config
+from .runs import load_run, provenance
+from .runtime import pick_device
+from .train import train_step
 
-ARCHS = ("preactresnet18", "wrn-28-4", "wrn-32-10")
-#: batch per arch on a GPU: large enough to fill an H100 (the batches of the speed targets)
+#: batch per arch on a GPU: large enough to fill an H100
 GPU_BATCH = {"preactresnet18": 512, "wrn-28-4": 512, "wrn-32-10": 256}
 #: rows that are not methods; every registered method is a row too
 SPECIAL_ROWS = ("ceiling", "reference", "data_path")
 
 BENCH_DEFAULTS: dict[str, Any] = dict(
-    arch="preactresnet18",  # build_model name; the targets are for preactresnet18 and wrn-32-10
+    arch="preactresnet18",  # build_model name (GPU reference speeds: preactresnet18, wrn-32-10)
     methods=None,           # rows to run, e.g. ["ceiling", "pgd_at"]; None: every row, and eval
     dataset="auto",         # auto (real CIFAR-10 if present, else synthetic) | cifar10 | synthetic
     train_n=None,           # training examples on the device; None: the whole split (synthetic:
@@ -117,19 +118,6 @@ BENCH_DEFAULTS: dict[str, Any] = dict(
 QUICK: dict[str, Any] = dict(arch="tiny", train_n=512, batch_size=32, ref_batch_size=32, warmup=1,
                              steps=2, repeats=2, eval_n=64, aa_n=0, eval_batch_size=64,
                              ref_workers=0)
-
-#: the speed targets (H100, CIFAR-10, PGD-10 inner loop, bf16): all GPU targets, judged only on
-#: a GPU run (a CPU run records the values and prints "n/a on CPU (GPU target)")
-TARGETS = dict(
-    pgd_at_img_per_s={"preactresnet18": 7_500, "wrn-32-10": 1_000},  # absolute, GPU only
-    pgd_at_vs_reference=8.0,       # pgd_at at least 8x the reference
-    near_pgd_at=("gairat", "amp"),  # within 5% of pgd_at's throughput
-    near_pgd_at_tolerance=0.05,
-    mma_time_vs_pgd_at=1.4,        # mma takes at most 1.4x pgd_at's time per example
-    data_path_overhead=0.03,       # the real data path costs under 3% vs a synthetic batch
-    aa_seconds_per_1000=300.0,     # AutoAttack on 1,000 images "well under" the 10-minute limit
-)
-
 
 #: a window's seconds: wall-clock, or the CPU time of this process (all its threads; not that
 #: of DataLoader worker processes, so the CPU default is 0 workers)
@@ -362,106 +350,12 @@ def _fixed_batch(ds: data_mod.TensorDataset, batch_size: int, channels_last: boo
     return itertools.repeat(data_mod.Batch(x=x, y=ds.y[idx], idx=idx))
 
 
-def method_step(method, model, optimizer, autocast, epoch: int) -> Callable[[Any], torch.Tensor]:
-    """One training step as the engine takes it: the method's loss under autocast, then SGD."""
+def method_step(method: Method, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                epoch: int, bf16: bool) -> Callable[[Any], torch.Tensor]:
+    """``batch -> loss``: the engine's step, ``mixlab.train.train_step``, exactly as training
+    takes it."""
     def step(batch):
-        with autocast:
-            loss, _ = method.loss(model, batch.x, batch.y, batch.idx, epoch=epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-    return step
-
-
-def ceiling_step(model, optimizer, autocast) -> Callable[[Any], torch.Tensor]:
-    """The plain step every method pays at least once: forward, cross-entropy, backward, SGD."""
-    def step(batch):
-        with autocast:
-            loss = F.cross_entropy(model(batch.x).float(), batch.y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-    return step
-
-
-# --- the reference: research code, deliberately written the way it usually is --------------------
-class PILDataset(torch.utils.data.Dataset):
-    """What ``torchvision.datasets.CIFAR10`` does with its data: an NHWC uint8 array, one PIL
-    image per item, then the CPU transform. Wraps the same uint8 pixels the bench uses."""
-
-    def __init__(self, ds: data_mod.TensorDataset, transform):
-        self.data = ds.x.cpu().permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) uint8
-        self.targets = ds.y.cpu().tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        img = self.data[i]
-        img = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
-        return self.transform(img), self.targets[i]
-
-
-def reference_loader(ds: data_mod.TensorDataset, batch_size: int, workers: int, seed: int):
-    """torchvision DataLoader with CPU augmentation, as in the official GAIRAT / TRADES code."""
-    import torchvision.transforms as T
-
-    size = ds.x.shape[-1]
-    transform = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
-    return torch.utils.data.DataLoader(
-        PILDataset(ds, transform), batch_size=batch_size, shuffle=True, num_workers=workers,
-        drop_last=True, generator=torch.Generator().manual_seed(seed))
-
-
-def reference_pgd(model, data, target, *, eps: float, step_size: float, steps: int):
-    """PGD-k with GAIRAT's kappa, transcribed from the official code's ``GA_PGD`` (Madry
-    category, CE loss). Its costs are the point: numpy noise built on the host, ``backward()``
-    into the model's parameters, and a Python loop over examples whose every comparison is a
-    device-to-host sync. Not for use: ``mixlab.attacks.pgd(..., return_kappa=True)`` is the same
-    attack without any of them."""
-    model.eval()
-    kappa = torch.zeros(len(data))
-    noise = np.random.uniform(-eps, eps, data.shape)
-    x_adv = (data.detach() + torch.from_numpy(noise).float().to(data.device)).clamp(0.0, 1.0)
-    for _ in range(steps):
-        x_adv.requires_grad_()
-        output = model(x_adv)
-        predict_ = output.max(1, keepdim=True)[1]
-        for p in range(len(x_adv)):
-            if predict_[p] == target[p]:
-                kappa[p] += 1
-        model.zero_grad()
-        loss_adv = F.cross_entropy(output, target)
-        loss_adv.backward()
-        eta = step_size * x_adv.grad.sign()
-        x_adv = x_adv.detach() + eta
-        x_adv = torch.min(torch.max(x_adv, data - eps), data + eps).clamp(0.0, 1.0)
-    return x_adv.detach(), kappa
-
-
-def reference_step(model, optimizer, device, *, eps: float, step_size: float, steps: int):
-    """GAIRAT.py's training step before its reweighting starts (i.e. PGD-AT): the host batch to
-    the device, the attack, a fp32 step, and the running loss read with ``.item()`` (one more
-    sync per step). Left out: its ``DataParallel`` wrapper and global cudnn flags, which would
-    change the other rows too."""
-    running_loss = 0.0
-
-    def step(batch):
-        nonlocal running_loss
-        data, target = batch[0].to(device), batch[1].to(device)
-        x_adv, _ = reference_pgd(model, data, target, eps=eps, step_size=step_size, steps=steps)
-        model.train()
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x_adv), target)
-        running_loss += loss.item() * len(x_adv)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        return train_step(method, model, optimizer, batch, epoch=epoch, bf16=bf16)[0]
     return step
 
 
@@ -480,8 +374,6 @@ class _Bench:
         # one set of initial weights for every row; in-place load keeps a compiled wrapper valid
         self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.fwd_model = torch.compile(self.model) if cfg["compile"] else self.model
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"]
-                         else torch.autocast(device.type, enabled=False))
         self.epoch = cfg["epochs"] - 1
         self.loader = data_mod.DeviceLoader(
             self.train_ds, cfg["batch_size"], shuffle=True, augment=True, drop_last=True,
@@ -541,13 +433,18 @@ class _Bench:
         return rec
 
     # --- rows -----------------------------------------------------------------------------
+    def _step(self, method: Method, optimizer: torch.optim.Optimizer, *, eager: bool = False):
+        """The engine's step of ``method`` on the shared model (compiled if asked, unless
+        ``eager``: hooks and a compiled graph do not mix)."""
+        model = self.model if eager else self.fwd_model
+        return method_step(method, model, optimizer, epoch=self.epoch, bf16=self.cfg["bf16"])
+
     def row_ceiling(self) -> dict[str, Any]:
+        erm, _ = self._method("erm")
         optimizer = self._fresh()
-        step = ceiling_step(self.fwd_model, optimizer, self.autocast)
         batches = _fixed_batch(self.train_ds, self.cfg["batch_size"], self.cfg["channels_last"])
-        rec = self._run("ceiling", step, batches)
-        rec["passes"] = count_passes(ceiling_step(self.model, optimizer, self.autocast), batches,
-                                     self.model)
+        rec = self._run("ceiling", self._step(erm, optimizer), batches)
+        rec["passes"] = count_passes(self._step(erm, optimizer, eager=True), batches, self.model)
         return dict(kind="ceiling", batch_size=self.cfg["batch_size"], bf16=self.cfg["bf16"],
                     channels_last=self.cfg["channels_last"], compile=self.cfg["compile"], **rec)
 
@@ -585,14 +482,12 @@ class _Bench:
         torch.manual_seed(self.cfg["seed"])
         method, hp = self._method(name)
         optimizer = self._fresh()
-        step = method_step(method, self.fwd_model, optimizer, self.autocast, self.epoch)
-        rec = self._run(name, step, _cycle(self.loader))
-        # after timing, on the eager model (hooks and a compiled graph do not mix)
-        rec["passes"] = count_passes(
-            method_step(method, self.model, optimizer, self.autocast, self.epoch),
-            _cycle(self.loader), self.model)
+        rec = self._run(name, self._step(method, optimizer), _cycle(self.loader))
+        # after timing, on the eager model
+        rec["passes"] = count_passes(self._step(method, optimizer, eager=True),
+                                     _cycle(self.loader), self.model)
         return dict(kind="method", batch_size=self.cfg["batch_size"], epoch=self.epoch,
-                    hp=_jsonable(hp), **rec)
+                    hp=jsonable(hp), **rec)
 
     def row_data_path(self) -> dict[str, Any]:
         """pgd_at through the DeviceLoader against pgd_at on one fixed on-device batch, the
@@ -601,7 +496,7 @@ class _Bench:
         cfg = self.cfg
         torch.manual_seed(cfg["seed"])
         method, _ = self._method("pgd_at")
-        step = method_step(method, self.fwd_model, self._fresh(), self.autocast, self.epoch)
+        step = self._step(method, self._fresh())
         sources = {"loader": _cycle(self.loader),
                    "synthetic": _fixed_batch(self.train_ds, cfg["batch_size"],
                                              cfg["channels_last"])}
@@ -677,22 +572,6 @@ class _Bench:
         return out
 
 
-def _jsonable(obj: Any) -> Any:
-    """Strict JSON: tuples to lists, one-element tensors and numpy scalars to numbers, NaN and
-    inf to None (JSON has no such numbers), anything else to its str."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1 or isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, (bool, int, float, str)) or obj is None:
-        return obj
-    return str(obj)
-
-
 def _versions(device: torch.device) -> dict[str, Any]:
     def version(pkg: str) -> str | None:
         try:
@@ -703,79 +582,6 @@ def _versions(device: torch.device) -> dict[str, Any]:
                 cuda=torch.version.cuda, cudnn=(torch.backends.cudnn.version()
                                                 if device.type == "cuda" else None),
                 torch_threads=torch.get_num_threads(), machine=platform.machine())
-
-
-def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Ratios of throughput within one run: each row / ceiling, each row / pgd_at,
-    pgd_at / reference, and the data path's overhead. None where a row is missing or failed."""
-    def speed(name):
-        return rows.get(name, {}).get("img_per_s")
-
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    def work(name):  # forward-equivalents per step (PassCounter)
-        return rows.get(name, {}).get("passes", {}).get("forward_equivalents")
-
-    names = [n for n in rows if n not in ("ceiling", "data_path")]
-    return dict(
-        vs_ceiling={n: ratio(speed(n), speed("ceiling")) for n in names},
-        vs_pgd_at={n: ratio(speed(n), speed("pgd_at")) for n in names},
-        # what the pass count alone predicts for vs_pgd_at (same batch, same arch)
-        predicted_vs_pgd_at={n: ratio(work("pgd_at"), work(n)) for n in names if work(n)},
-        pgd_at_vs_reference=ratio(speed("pgd_at"), speed("reference")),
-        data_path_overhead=rows.get("data_path", {}).get("overhead"))
-
-
-def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The speed targets (:data:`TARGETS`), each with the measured value, the goal and a
-    verdict: ``met`` is True / False on a GPU run, None where the run cannot judge it.
-
-    Every target is stated for a GPU (an H100 with bf16), so a CPU run judges none of them: its
-    values are recorded (ratios within one CPU run still mean something) and ``status`` says
-    "n/a on CPU (GPU target)". A target whose value this run did not measure (a row skipped or
-    failed) reads "n/a (not measured)". ``status`` is the text the table prints."""
-    rows, r, cfg = result["rows"], result["ratios"], result["config"]
-    gpu = result["device"] != "cpu"
-    checks = []
-
-    def add(name, value, goal, ok):
-        if value is None:
-            met, status = None, "n/a (not measured)"
-        elif not gpu:
-            met, status = None, "n/a on CPU (GPU target)"
-        else:
-            met = bool(ok(value))
-            status = "met" if met else "NOT met"
-        checks.append(dict(target=name, value=value, goal=goal, met=met, status=status))
-
-    goal = TARGETS["pgd_at_img_per_s"].get(cfg["arch"])
-    if goal is not None:
-        add(f"pgd_at img/s on {cfg['arch']}", rows.get("pgd_at", {}).get("img_per_s"),
-            f">= {goal}", lambda v: v >= goal)
-    add("pgd_at / reference", r["pgd_at_vs_reference"], f">= {TARGETS['pgd_at_vs_reference']}",
-        lambda v: v >= TARGETS["pgd_at_vs_reference"])
-    tol = TARGETS["near_pgd_at_tolerance"]
-    for name in TARGETS["near_pgd_at"]:
-        if name in rows:
-            add(f"{name} / pgd_at", r["vs_pgd_at"].get(name), f">= {1 - tol}",
-                lambda v: v >= 1 - tol)
-    if "mma" in rows:
-        limit = TARGETS["mma_time_vs_pgd_at"]
-        ratio_ = r["vs_pgd_at"].get("mma")
-        add("mma time / pgd_at time", None if not ratio_ else 1 / ratio_, f"<= {limit}",
-            lambda v: v <= limit)
-    add("data path overhead", r["data_path_overhead"], f"< {TARGETS['data_path_overhead']}",
-        lambda v: v < TARGETS["data_path_overhead"])
-    # the same target read directly: the loader's time per batch over the step's
-    add("data path, loader time / step time", rows.get("data_path", {}).get("loader_share"),
-        f"< {TARGETS['data_path_overhead']}", lambda v: v < TARGETS["data_path_overhead"])
-    aa = result.get("eval", {}).get("aa", {})
-    if aa.get("img_per_s"):
-        add("AutoAttack seconds per 1,000 images", 1000 / aa["img_per_s"],
-            f"<= {TARGETS['aa_seconds_per_1000']}",
-            lambda v: v <= TARGETS["aa_seconds_per_1000"])
-    return checks
 
 
 def run_bench(**settings: Any) -> dict[str, Any]:
@@ -834,92 +640,14 @@ def _run_bench(cfg: dict[str, Any]) -> dict[str, Any]:
         label=(f"CPU run ({cfg['clock']} clock): absolute speeds are no claim, ratios are "
                "meaningful"
                if device.type != "cuda" else f"GPU run on {prov['device_name']}"),
-        config=_jsonable(cfg),
+        config=jsonable(cfg),
         data=dict(dataset=bench.train_ds.name, source=bench.train_ds.source,
                   synthetic=bench.train_ds.name == "synthetic", train_n=len(bench.train_ds),
                   test_n=len(bench.test_ds)),
-        provenance=_jsonable(prov), notes=NOTES, rows=rows)
+        provenance=jsonable(prov), notes=NOTES, rows=rows)
     result["ratios"] = ratios({k: v for k, v in rows.items() if "error" not in v})
     result["eval"] = evaluation
-    result["targets"] = check_targets(result)
     return result
-
-
-# ----------------------------------------------------------------------------- output
-def format_table(result: dict[str, Any]) -> str:
-    """The result as a plain-text table: one line per row, then evaluation and targets."""
-    rows, r = result["rows"], result["ratios"]
-    head = (f"mixlab bench: {result['config']['arch']} on {result['device_name']}; "
-            f"{result['label']}; data: {result['data']['dataset']}, "
-            f"{result['date']}, commit {result['provenance'].get('git_commit', '?')[:10]}")
-    lines = [head, f"{'row':<12}{'img/s':>10}{'ms/step':>10}{'batch':>7}{'/ceiling':>10}"
-                   f"{'/pgd_at':>9}{'fwd-eq':>8}{'peak MiB':>10}  note"]
-
-    def num(v, fmt):  # fmt like "10.1f": a missing value is a right-aligned "-"
-        width = int(fmt.split(".")[0] or 0)
-        return format(v, fmt) if v is not None else "-".rjust(width)
-
-    for name, row in rows.items():
-        if "error" in row:
-            lines.append(f"{name:<12}{'FAILED':>10}  {row['error'][:80]}")
-            continue
-        note = ""
-        if name == "data_path":
-            note = (f"pgd_at; fixed batch {row['synthetic_img_per_s']:.1f} img/s, overhead "
-                    f"{100 * row['overhead']:+.1f}%, loader alone "
-                    f"{row['loader_only_img_per_s']:.0f} img/s "
-                    f"({100 * row['loader_share']:.2f}% of a step)")
-        elif name == "reference":
-            note = f"fp32, DataLoader x{row['workers']} workers, kappa loop on host"
-        lines.append(f"{name:<12}{num(row.get('img_per_s'), '10.1f')}"
-                     f"{num(row.get('ms_per_step'), '10.1f')}"
-                     f"{row.get('batch_size', ''):>7}"
-                     f"{num(r['vs_ceiling'].get(name), '10.3f')}"
-                     f"{num(r['vs_pgd_at'].get(name), '9.3f')}"
-                     f"{num(row.get('passes', {}).get('forward_equivalents'), '8.1f')}"
-                     f"{num(row.get('peak_mem_mib'), '10.0f')}  {note}")
-    lines.append(f"pgd_at / reference: {num(r['pgd_at_vs_reference'], '.2f')} (x)")
-    lines.append("fwd-eq: the step's work in forward passes, 3 per training pass (forward + "
-                 "full backward), 2 per attack pass (input-only backward), 1 per probe")
-    for attack, rec in result.get("eval", {}).items():
-        if isinstance(rec, dict) and "img_per_s" in rec:
-            lines.append(f"eval {attack:<6} n={rec['n']:<5} {rec['img_per_s']:10.1f} img/s "
-                         f"({rec['seconds']:.1f} s, accuracy {rec['accuracy']:.3f})")
-        elif isinstance(rec, dict) and "skipped" in rec:
-            lines.append(f"eval {attack:<6} skipped ({rec['skipped']})")
-    for t in result["targets"]:
-        status = t.get("status") or {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
-        value = num(t["value"], ".3f") if t["value"] is not None else "-"
-        lines.append(f"target {t['target']}: {value} (goal {t['goal']}): {status}")
-    return "\n".join(lines)
-
-
-def output_path(result: dict[str, Any], out: str | Path) -> Path:
-    """``out`` itself if it ends in .json, else ``out/bench-<device>-<date>.json`` (with
-    ``-<arch>`` for another arch than preactresnet18, ``-compile`` for compiled runs,
-    ``-eval`` for evaluation-only runs and ``-quick`` for quick runs, so that runs of one day
-    do not overwrite each other)."""
-    out = Path(out)
-    if out.suffix == ".json":
-        return out
-    cfg = result["config"]
-    name = f"bench-{result['device']}-{result['date']}"
-    if cfg["arch"] != "preactresnet18" and not cfg["quick"]:
-        name += f"-{cfg['arch']}"
-    if cfg.get("compile"):
-        name += "-compile"
-    if cfg.get("methods") == ["eval"]:  # evaluation throughput alone (usually --checkpoint)
-        name += "-eval"
-    if cfg["quick"]:
-        name += "-quick"
-    return out / f"{name}.json"
-
-
-def write_result(result: dict[str, Any], out: str | Path) -> Path:
-    path = output_path(result, out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
-    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -927,7 +655,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description=" ".join(__doc__.split("\n\n")[0].split()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [v for v in s.split(",") if v]  # noqa: E731
-    p.add_argument("--arch", help=f"model (default preactresnet18; targets for {', '.join(ARCHS)})")
+    p.add_argument("--arch", help="a build_model name (default preactresnet18; GPU batches are "
+                   f"set for {', '.join(GPU_BATCH)})")
     p.add_argument("--methods", type=csv, help="comma-separated rows to run (default: all): "
                    "ceiling, reference, data_path, eval, and any registered method")
     p.add_argument("--quick", action="store_true", help="tiny sizes; runs on a CPU in < 60 s")
@@ -968,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             args[key] = args[key] == "on"
     result = run_bench(**{k: v for k, v in args.items() if v is not None})
     path = write_result(result, out)
-    print(format_table(result))
+    print(format_bench_table(result))
     print(f"wrote {path}")
     failed = [n for n, row in result["rows"].items() if "error" in row]
     if failed:

@@ -2,7 +2,7 @@
 correct implementation has and a known bug lacks.
 
 The notebooks end with these checks instead of hand-written assertions. Each function takes a
-finished run (a :class:`mixlab.train.Run`, or a run directory), the model and data it needs,
+finished run (a :class:`mixlab.runs.Run`, or a run directory), the model and data it needs,
 or an :func:`mixlab.evaluate.evaluate` result, and returns None or raises
 :class:`CheckFailed`, whose message says what was expected, what was measured and which bug
 that points to. Each docstring names the bug it catches.
@@ -20,11 +20,11 @@ The checks, and what each catches:
 * ``theory_expansion``: wrong moments or factors in the second-order mixup terms.
 * ``theory_identities``: closed form ≠ autograd; a wrong mixing law D̃.
 
-Assertions the notebooks used to make that hold by construction, and so test nothing, are not
-here: the per-example worst case below each attack's accuracy (a minimum), a clamped λ inside
-its clamp, t_geo − λ in [−1, 1] (both lie in [0, 1]), a test margin > 0 exactly for
-clean-correct points (0 is assigned to the others), worst-case path probabilities below clean
-ones after a ``torch.minimum``. Range checks that remain (λ in [0, 1], ε in [0, max_eps]) are
+Assertions that hold by construction, and so test nothing, have no check here: the
+per-example worst case below each attack's accuracy (a minimum), a clamped λ inside its clamp,
+t_geo − λ in [−1, 1] (both lie in [0, 1]), a test margin > 0 exactly for clean-correct points
+(0 is assigned to the others), worst-case path probabilities below clean ones after a
+``torch.minimum``. Range checks that remain (λ in [0, 1], ε in [0, max_eps]) are
 there to catch NaN.
 
 Tolerances are stated in each function: statistical ones come from the number of draws (z
@@ -66,7 +66,7 @@ def _fail(what: str, expected: str, measured: str, bug: str) -> None:
 def _as_run(run):
     """A Run as is; a run directory (str / Path) loaded at its last epoch."""
     if isinstance(run, (str, Path)):
-        from .train import load_run
+        from .runs import load_run
         return load_run(run, which="last")
     return run
 
@@ -225,6 +225,7 @@ def amp_attack_ascends(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     """
     from .attacks import eval_mode
     from .methods import amp
+    from .methods.base import mix, soft_cross_entropy
 
     n = len(x)
     rng = np.random.default_rng(seed)
@@ -241,9 +242,10 @@ def amp_attack_ascends(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         lam_opt=method_hp["lam_opt"], lam_step=method_hp["lam_step"],
         lam_min=method_hp["lam_min"], lam_max=method_hp["lam_max"], bf16=False)
     with eval_mode(model), torch.no_grad():
-        clean = amp.soft_ce_per_example(model(amp.mix(x_a, x_b, lam)), amp.mix(y_a, y_b, lam))
-        adv = amp.soft_ce_per_example(model(amp.mix(x_a_adv, x_b_adv, lam_star)),
-                                      amp.mix(y_a, y_b, lam_star))
+        clean = soft_cross_entropy(model(mix(x_a, x_b, lam)), mix(y_a, y_b, lam),
+                                   reduction="none")
+        adv = soft_cross_entropy(model(mix(x_a_adv, x_b_adv, lam_star)),
+                                 mix(y_a, y_b, lam_star), reduction="none")
     share = (adv > clean).float().mean().item()
     if share < min_share:
         _fail("AMP inner maximisation",
@@ -281,7 +283,7 @@ def gairat_weights(run, *, mean_tol: float = 1e-2, shape_tol: float = 0.25,
       level (levels with ``min_count`` examples or more) is the paper's ω(κ; λ, K, weight_fn)
       times one common factor c = Σw/Σω, within ``shape_tol`` relative + ``atol`` (the
       per-batch factors B/Σω differ a little between batches; float16 resolves weights to
-      about 1e-3). ω is the formula of papers.md / the official GAIR.py, written
+      about 1e-3). ω is the formula of docs/gairat.md / the official GAIR.py, written
       independently of the code under test: weights fall as κ rises, and how fast depends
       on λ's value and sign.
 
@@ -459,8 +461,9 @@ def strictly_inside_theta(bound: Mapping[str, Any], *, min_R: float = 1e-8) -> b
 
 
 def theory_bound(bound: Mapping[str, Any], *, min_R: float = 1e-8, tol: float = 1e-12) -> None:
-    """The robustness bound of Zhang et al. 2021 (arXiv 2010.04819), as papers.md states it:
-    L̃_mix(θ) ≥ L̃_adv(ε_mix·√d), checked where the theorem applies and says something.
+    """The robustness bound of Zhang et al. 2021 (arXiv 2010.04819), as docs/mixup_theory.md
+    states it: L̃_mix(θ) ≥ L̃_adv(ε_mix·√d), checked where the theorem applies and says
+    something.
 
     ``bound``: a :func:`mixlab.theory.robustness_bound` result. Required: θ strictly inside
     Θ (:func:`strictly_inside_theta`), centred inputs, and for the network version a

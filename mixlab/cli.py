@@ -20,10 +20,9 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from .config import parse_assignment
+from .config import PROFILE_NAMES, parse_assignment
 from .runtime import configure_threads
 
 THREADS_HELP = ("PyTorch CPU threads for this command (default: $MIXLAB_THREADS, else 1 on a "
@@ -115,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="training method (default: pgd_at, or the --config file's)")
     t.add_argument("--dataset", default=None)
     t.add_argument("--model", default=None)
-    t.add_argument("--profile", default=None, choices=["smoke", "short", "paper"])
+    t.add_argument("--profile", default=None, choices=list(PROFILE_NAMES))
     t.add_argument("--epochs", type=_int)
     t.add_argument("--batch-size", type=_int)
     t.add_argument("--lr", type=_float)
@@ -221,7 +220,8 @@ def cmd_eval(args) -> None:
     from . import data as data_mod
     from .attacks import check_eps
     from .evaluate import ATTACKS, evaluate, format_report, format_table
-    from .train import load_run, pick_device
+    from .runs import load_run
+    from .runtime import pick_device
     if args.n < 0:
         raise ValueError(f"--n {args.n} must be >= 0 (test examples; 0: all)")
     if args.batch_size < 1:
@@ -290,20 +290,9 @@ def cmd_download(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from . import data as data_mod
-    source, root = Path(args.source), data_mod.data_root()
-    if not source.is_dir():
-        raise ValueError(f"{source} is not a folder")
-    mnist = source / "MNIST" / "raw"
-    if mnist.is_dir():
-        data_mod.prepare_mnist_from_gz(mnist, root)
-        print(f"MNIST ready in {root / 'MNIST'}")
-    tar = source / "cifar10-jpeg.tar.gz"
-    if tar.exists():
-        data_mod.prepare_cifar10_from_archive(tar, root)
-        for split in ("train", "test"):  # decode the JPEGs once now; later loads hit the cache
-            data_mod.load_dataset("cifar10", split, root=root)
-        print(f"CIFAR-10 (JPEG copy) ready in {root}")
+    from .data import prepare_offline_copies
+    for what, folder in prepare_offline_copies(args.source).items():
+        print(f"{what} ready in {folder}")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "download": cmd_download,
@@ -316,8 +305,10 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import CheckpointError, NonFiniteLossError
     from .data import DataError
+    from .extras import MissingExtraError
+    from .runs import CheckpointError
+    from .train import NonFiniteLossError
     try:
         args = _parser().parse_args(argv)
         configure_threads(args.threads)
@@ -325,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"mixlab: error: {_one_line(err)}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError, OSError) as err:
+    except (ValueError, TypeError, DataError, CheckpointError, RuntimeError, OSError,
+            MissingExtraError) as err:
         if os.environ.get("MIXLAB_TRACEBACK"):
             raise
         print(f"mixlab: error: {_one_line(err)}", file=sys.stderr)

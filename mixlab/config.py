@@ -44,7 +44,7 @@ from . import data as data_mod
 from .attacks import NORMS, is_number
 from .methods import METHODS, AttackSpec, get_method
 
-PROFILE_NAMES = ("smoke", "short", "paper")
+PROFILE_NAMES = ("smoke", "cpu", "short", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,7 @@ SETTINGS: dict[str, Setting] = {
                      "(needs run_dir and pip install mixlab[tensorboard])"),
     "allow_slow_cpu": S(False, "bool", "start the GPU-sized short/paper profiles on a CPU "
                         "anyway (refused otherwise, with the estimated time)"),
-    "profile": S(None, "str", "smoke | short | paper (see PROFILES)", choices=PROFILE_NAMES,
+    "profile": S(None, "str", "smoke | cpu | short | paper (see PROFILES)", choices=PROFILE_NAMES,
                  optional=True),
 }
 del S
@@ -133,6 +133,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model="tiny", epochs=2, batch_size=64, train_subset=1024, val_size=256,
                   steps=3, eval_steps=5, schedule="onecycle", warmup=0.3, lr=0.05,
                   device="cpu"),
+    # CPU, about ten minutes per notebook on two cores: the smallest scale at which the
+    # papers' qualitative claims have a chance to show (10k training images, 10 epochs, a
+    # 1k validation split); the notebooks choose dataset, model and eps per paper
+    "cpu": dict(model="tiny", epochs=10, batch_size=128, train_subset=10_000, val_size=1000,
+                steps=5, eval_steps=10, schedule="onecycle", warmup=0.3, lr=0.05,
+                device="cpu"),
     # GPU, minutes: PreActResNet-18, one-cycle schedule (the fast-AT recipe)
     "short": dict(model="preactresnet18", epochs=15, batch_size=512, schedule="onecycle",
                   warmup=0.4, lr=0.2, weight_decay=5e-4, val_size=1000),

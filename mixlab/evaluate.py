@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -46,7 +47,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .attacks import (PIXEL_TOL, _check_count, is_number, check_eps, check_label_tensor,
-                      eval_mode, fgsm, pgd)
+                      eval_mode, fgsm, pgd, pgd_step_size, predict)  # noqa: F401 (predict)
+from .attacks import fp32 as _fp32
+from .extras import require
 from .fileio import atomic_write_text
 
 ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "pgd50", "cw20", "aa")
@@ -78,7 +81,7 @@ LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20"
 
 def _pgd_attack(steps: int, loss: str):
     def run(model, x, y, *, eps, norm):
-        step_size = eps / 4 if steps == 20 else max(eps / 4, 2.5 * eps / steps)
+        step_size = pgd_step_size(eps, steps)  # eps/4 for 10 steps or more
         return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss,
                    bf16=False)
     return run
@@ -91,25 +94,6 @@ _BATCHED = {
     "pgd50": _pgd_attack(50, "ce"),
     "cw20": _pgd_attack(20, "cw"),
 }
-
-
-@contextlib.contextmanager
-def _fp32(device: torch.device):
-    """Autocast off on ``device`` for the block, even inside a caller's autocast block."""
-    try:
-        ctx = torch.autocast(device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast: nothing to switch off
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Predicted labels (N,) from an fp32 forward pass in eval mode."""
-    with eval_mode(model), _fp32(x.device):
-        return torch.cat([model(x[i:i + batch_size]).float().argmax(1)
-                          for i in range(0, len(x), batch_size)])
 
 
 def _as_tensors(x, y):
@@ -134,6 +118,93 @@ class _ListHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+class _AutoAttackProgress(logging.Handler):
+    """Turns AutoAttack's per-batch log records into a progress bar.
+
+    ``pyautoattack`` logs, at DEBUG level on the ``"auto-attack"`` logger, "running <attack>"
+    before each attack, "<attack> - <batch>/<batches> - ..." after each batch and "robust
+    accuracy after <ATTACK>: <acc>" after each attack; the bar shows the attack, its batches
+    and the robust accuracy so far. A record in another format only leaves the bar as it is.
+    """
+
+    def __init__(self, bar):
+        super().__init__(level=logging.DEBUG)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("running "):
+            self.bar.set_description(f"AutoAttack {text[len('running '):]}")
+            self.bar.reset(total=1)
+        elif match := re.match(r"\S+ - (\d+)/(\d+) - ", text):
+            done, total = map(int, match.groups())
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+        elif match := re.match(r"robust accuracy after \S+: ([\d.]+%)", text):
+            self.bar.set_postfix_str(f"robust {match.group(1)}")
+
+
+@contextlib.contextmanager
+def autoattack_progress(enabled: bool = True):
+    """A progress bar over AutoAttack's attacks and batches (``tqdm``) while the block runs.
+
+    Listens to the ``"auto-attack"`` logger's DEBUG records with its own handler; records
+    below the logger's previous level are not passed on to other handlers, so turning the bar
+    on prints nothing else. ``enabled=False`` does nothing.
+    """
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+    logger = logging.getLogger("auto-attack")
+    old_level = logger.getEffectiveLevel()
+    bar = tqdm(total=1, desc="AutoAttack", unit="batch", leave=False, dynamic_ncols=True)
+    handler = _AutoAttackProgress(bar)
+    quiet_debug = logging.Filter()
+    quiet_debug.filter = lambda record: record.levelno >= old_level  # type: ignore[method-assign]
+    saved_level, saved_propagate = logger.level, logger.propagate
+    others = list(logger.handlers)
+    for other in others:
+        other.addFilter(quiet_debug)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    # DEBUG records reach the root logger's handlers only at the old level or above
+    logger.propagate = False
+    propagate = _PassOn(old_level) if saved_propagate else None
+    if propagate is not None:
+        logger.addHandler(propagate)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        if propagate is not None:
+            logger.removeHandler(propagate)
+        for other in others:
+            other.removeFilter(quiet_debug)
+        logger.setLevel(saved_level)
+        logger.propagate = saved_propagate
+        bar.close()
+
+
+class _PassOn(logging.Handler):
+    """Hands a record at or above ``level`` to the parent loggers' handlers, as propagation
+    would have."""
+
+    def __init__(self, level: int):
+        super().__init__(level=level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        parent = logging.getLogger("auto-attack").parent
+        while parent is not None:
+            for h in parent.handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)
+            if not parent.propagate:
+                break
+            parent = parent.parent
 
 
 @contextlib.contextmanager
@@ -172,11 +243,7 @@ def capture_autoattack_warnings():
 
 def _autoattack(model, x, y, *, eps, norm, version, attacks, batch_size, seed):
     """Run AutoAttack; returns (x_adv, the attack list it ran)."""
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as err:  # a dependency of mixlab, so this means a broken install
-        raise ImportError("AutoAttack needs the `pyautoattack` package: pip install "
-                          "pyautoattack (it is in mixlab's dependencies)") from err
+    AutoAttack = require("pyautoattack", feature="AutoAttack (attack 'aa')").AutoAttack
     kwargs = dict(norm=norm, eps=float(eps), seed=seed, device=x.device)
     with eval_mode(model), _fp32(x.device):
         if attacks:
@@ -331,7 +398,7 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
              eps: float = 8 / 255, norm: str = "Linf", batch_size: int = 500,
              aa_version: str = "standard", aa_attacks: Sequence[str] | None = None,
              seed: int = 0, run_dir: str | Path | None = None,
-             name: str = "eval") -> dict[str, Any]:
+             name: str = "eval", progress: bool = True) -> dict[str, Any]:
     """Accuracy of ``model`` under each attack and in the worst case, on the same images.
 
     Args:
@@ -352,6 +419,9 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
             not depend on which attacks ran before it); the caller's RNG state is restored.
         run_dir, name: if run_dir is given, the result is written to ``run_dir/<name>.json``,
             atomically (a temporary file in the same folder, fsync, rename).
+        progress: show a progress bar (``tqdm``; a widget in Jupyter) over each attack's
+            batches, and over AutoAttack's attacks and batches with the robust accuracy so
+            far (:func:`autoattack_progress`); False for none.
     Returns:
         dict: one accuracy per attack (``"clean"``, ``"pgd20"``, ...), each the accuracy under
         that attack alone; ``"robust"``, the worst case; ``"per_example"``, {attack or
@@ -389,6 +459,9 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
     check_eps(eps, norm)
     _check_count(batch_size, "batch_size", 1)
     _check_count(seed, "seed", 0)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {type(progress).__name__} "
+                        f"{progress!r}")
     path = _check_run_dir(run_dir, name)
     x, y = _as_tensors(x, y)
     _check_data(x, y)
@@ -408,7 +481,8 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
             if attack == "clean" or eps == 0:
                 x_eval = x
             elif attack == "aa":
-                with capture_autoattack_warnings() as aa_warnings:
+                with capture_autoattack_warnings() as aa_warnings, \
+                        autoattack_progress(progress):
                     x_eval, aa_run = _autoattack(model, x, y, eps=eps, norm=norm,
                                                  version=aa_version, attacks=aa_attacks,
                                                  batch_size=batch_size, seed=seed)
@@ -417,9 +491,13 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
                 result["aa_warnings"] = list(dict.fromkeys(aa_warnings))
             else:
                 run = _BATCHED[attack]
+                starts = range(0, n, batch_size)
+                if progress:
+                    from tqdm.auto import tqdm
+                    starts = tqdm(starts, desc=LABELS.get(attack, attack), unit="batch",
+                                  leave=False, dynamic_ncols=True)
                 x_eval = torch.cat([run(model, x[i:i + batch_size], y[i:i + batch_size],
-                                        eps=eps, norm=norm)
-                                    for i in range(0, n, batch_size)])
+                                        eps=eps, norm=norm) for i in starts])
             correct[attack] = predict(model, x_eval, batch_size) == y
             seconds = time.perf_counter() - t0
             result["seconds"][attack] = seconds

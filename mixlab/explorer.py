@@ -1,26 +1,11 @@
 """Margin explorer: walk from a test image along a direction and watch the classifier decide.
 
-The margin of a classifier at ``(x, y)`` is the distance from ``x`` to the nearest point it
-misclassifies (MMA, Ding et al. 2020, arXiv 1812.02637). This module lets you *see* it: pick a
-trained run, a test image and a direction ``u`` (unit length in the threat model's norm), then
-move along the path
-
-    x(t) = clip(x + t * u, 0, 1),      t in [0, t_max], pixel units (Linf: 8/255 = 0.0314)
-
-and watch every class's probability and logit, the predicted class, the point where the
-prediction first leaves the true class (the boundary crossing along this path) and the model's
-margin estimate (``mixlab.margins.estimate_margin``: PGD at ``max_eps`` then a bisection, the
-paper's test-time estimator; the crossing along the adversarial AN-PGD path should sit near it,
-and along any path at or beyond it). Two models are shown side by side on the same image and
-the same path. ``t`` is the nominal distance; where the clip to [0, 1] bites the true distance
-is smaller.
-
-Directions (all unit length in ``norm``):
-
-* ``"pgd"``: PGD-CE at the threat model's ``eps`` against the chosen model, then extended;
-* ``"anpgd"``: MMA's adaptive-norm PGD direction, PGD with the SLM loss at ``max_eps``;
-* ``"random"``: random signs (Linf: a corner of the cube) or a Gaussian (L2), seeded;
-* ``"image"``: the straight line towards another test image, ``t_max`` = its distance.
+The interactive view over ``mixlab.margin_paths`` (the computation) and ``mixlab.margin_figure``
+(the static figure): pick trained runs, a test image and a direction, then move along the path
+x(t) = clip(x + t·u, 0, 1) and watch every class's probability and logit, the predicted class,
+the first boundary crossing along the path and the model's margin estimate
+(:func:`mixlab.attacks.estimate_margin`: PGD at ``max_eps`` then a bisection, MMA's test-time
+estimator, arXiv 1812.02637). Two models are shown side by side on the same image and path.
 
 A path is computed once, in one batched forward per model (``n_points`` points), whenever the
 image, direction or model changes; moving the slider only moves a marker and redraws one image.
@@ -29,9 +14,7 @@ The widget explains its terms: a "what the terms mean" section under the control
 (:data:`HELP_HTML`: t, eps, max_eps, PGD-CE, AN-PGD, SLM, the crossing, the margin estimate, the
 argmax strip) and a tooltip on every control. Every class is named on the argmax strip.
 
-Pure functions (:func:`path_direction`, :func:`path_points`, :func:`path_logits`,
-:func:`first_crossing`) do the work and are usable without widgets; :class:`MarginExplorer` is the
-ipywidgets + plotly ``FigureWidget`` front end for JupyterLab, and
+:class:`MarginExplorer` needs ipywidgets and plotly (``pip install 'mixlab[notebooks]'``);
 :meth:`MarginExplorer.path_figure` draws the current state as a static matplotlib figure for
 headless runs (papermill, CI).
 
@@ -44,24 +27,19 @@ headless runs (papermill, CI).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .attacks import boundary_bisection, cw_margin, eval_mode, pgd
-from .margins import estimate_margin
+from .attacks import estimate_margin
+from .extras import require
+from .margin_figure import (format_distance, format_margin, margin_path_figure, reference_lines,
+                            run_label)
+from .margin_paths import (DIRECTIONS, PathData, model_device, model_of, path_data,
+                           path_direction, path_points)
 
-#: direction keys and the labels the dropdown shows
-DIRECTIONS = {
-    "pgd": "adversarial (PGD-CE at eps)",
-    "anpgd": "adversarial (AN-PGD, SLM at max_eps)",
-    "random": "random",
-    "image": "towards another image",
-}
 NONE = "(none)"
 
 #: what each direction means, shown as the direction dropdown's tooltip and in the help text
@@ -92,118 +70,7 @@ HELP_HTML = (
     "</ul></details>")
 
 
-# ----------------------------------------------------------------------------- pure functions
-def _norm_of(v: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example Linf or L2 norm, shape (B,)."""
-    flat = v.flatten(1).float()
-    return flat.abs().amax(1) if norm == "Linf" else flat.norm(dim=1)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of a model's first parameter (CPU for a parameterless one)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def path_direction(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                   norm: str, eps: float, max_eps: float, steps: int = 10,
-                   x_target: torch.Tensor | None = None, seed: int = 0
-                   ) -> tuple[torch.Tensor, float, str]:
-    """A unit direction (in ``norm``) from one image, and how far the path should go.
-
-    x: (1, C, H, W) in [0, 1]; y: (1,) label; model: the model the adversarial directions are
-    computed against. ``kind`` is a key of :data:`DIRECTIONS`; ``x_target`` (1, C, H, W) is
-    needed for ``"image"``. Adversarial directions start PGD at zero (no random start), so
-    the same image always gives the same path; their step is 2.5·radius/steps (MMA's).
-    Returns ``(u, t_max, note)``: u (1, C, H, W) with ``||u|| = 1``, t_max in pixel units, and
-    a note (empty, or why a fallback was used).
-    """
-    note = ""
-    t_max = float(max_eps)
-    if kind in ("pgd", "anpgd"):
-        radius, loss = (eps, "ce") if kind == "pgd" else (max_eps, "slm")
-        x_adv = pgd(model, x, y, eps=radius, step_size=2.5 * radius / steps, steps=steps,
-                    norm=norm, loss=loss, random_start=False)
-        delta = (x_adv - x).float()
-        if float(_norm_of(delta, norm)[0]) == 0.0:
-            # a zero gradient (e.g. an untrained zero-initialised last layer): no direction
-            kind, note = "random", "the attack found no direction (zero gradient); random used"
-    elif kind == "image":
-        if x_target is None:
-            raise ValueError("direction 'image' needs x_target, the image to walk towards")
-        delta = (x_target.to(x.device) - x).float()
-        t_max = float(_norm_of(delta, norm)[0])
-        if t_max == 0.0:
-            raise ValueError("the target image equals the start image; pick another one")
-    elif kind != "random":
-        raise ValueError(f"unknown direction {kind!r}; choose one of {list(DIRECTIONS)}")
-    if kind == "random":
-        # a CPU generator: the same seed gives the same direction on every device
-        g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn(x.shape, generator=g)
-        delta = (noise.sign() if norm == "Linf" else noise).to(x.device)
-    u = delta / _norm_of(delta, norm).reshape(-1, *([1] * (x.dim() - 1)))
-    return u.to(x.dtype), t_max, note
-
-
-def path_points(x: torch.Tensor, u: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """``clip(x + t·u, 0, 1)`` for every t: x, u (1, C, H, W), ts (n,) -> (n, C, H, W)."""
-    ts = ts.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    return (x + ts * u).clamp(0, 1)
-
-
-@torch.no_grad()
-def path_logits(model: torch.nn.Module, points: torch.Tensor, batch_size: int = 512
-                ) -> torch.Tensor:
-    """Logits (n, K) for path points (n, C, H, W), in eval mode: one forward per
-    ``batch_size`` points (one in all for the usual 101). fp32 on every device, no bf16
-    autocast: a path is cheap, and its curves must agree with the fp32 bisection that places
-    the crossing (bf16 logits are too coarse near the boundary)."""
-    with eval_mode(model):
-        return torch.cat([model(points[i:i + batch_size]).float()
-                          for i in range(0, len(points), batch_size)])
-
-
-def first_crossing(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, u: torch.Tensor,
-                   ts: np.ndarray, logits: np.ndarray, search_steps: int = 10) -> float:
-    """Where the prediction first leaves class ``y`` along ``clip(x + t·u, 0, 1)``, pixel units.
-
-    The grid ``ts`` (n,) with its logits (n, K) brackets the first misclassified point (CW
-    margin ``max_{j≠y} z_j − z_y >= 0``, the decision itself); ``search_steps`` bisection
-    steps inside that grid interval (``boundary_bisection``, fp32 probes) place it to
-    (t_max / (n-1)) / 2**search_steps. x, u: (1, C, H, W); y: (1,). Returns 0 if the start is
-    already misclassified, ``nan`` if the whole path stays correct (a later crossing hidden
-    between two grid points that are both correct is missed, by design of the grid)."""
-    z = torch.as_tensor(logits, dtype=torch.float32)
-    m = cw_margin(z, y.cpu().expand(len(z))).numpy()
-    wrong = np.flatnonzero(m >= 0)
-    if len(wrong) == 0:
-        return float("nan")
-    k = int(wrong[0])
-    if k == 0:
-        return 0.0
-    t = boundary_bisection(model, x, y, u, lo=float(ts[k - 1]), hi=float(ts[k]),
-                           steps=search_steps, margin="cw", bf16=False)
-    return float(t[0])
-
-
-@dataclasses.dataclass
-class PathData:
-    """One model's view of one path: ts (n,), logits and probs (n, K), pred (n,), the first
-    boundary crossing (nan: none within t_max) and the model's margin estimate at the start."""
-    ts: np.ndarray
-    logits: np.ndarray
-    probs: np.ndarray
-    pred: np.ndarray
-    crossing: float
-    margin: float
-
-
-def model_of(run: Any) -> torch.nn.Module:
-    """A ``Run`` (anything with a ``.model``) or a bare model -> the model."""
-    return run.model if hasattr(run, "model") else run
-
-
+# ----------------------------------------------------------------------------- images
 def _to_float_image(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
@@ -258,8 +125,8 @@ class MarginExplorer:
                  max_eps: float | None = None, steps: int = 10, n_points: int = 101,
                  n_thumbs: int = 16, compare: str | None = "auto", direction: str = "anpgd",
                  image: int = 0, target: int = 1, seed: int = 0):
-        import ipywidgets as W
-
+        W = require("ipywidgets", feature="the margin explorer widget")
+        require("plotly", feature="the margin explorer widget")
         if not runs:
             raise ValueError("runs is empty: pass at least one name -> Run or model")
         if norm not in ("Linf", "L2"):
@@ -443,13 +310,8 @@ class MarginExplorer:
             model = model_of(self.runs[name])
             dev = model_device(model)
             xm, ym = self._image(index, dev)
-            um = self.u.to(dev)
-            logits = path_logits(model, path_points(xm, um, ts)).cpu()
-            self.paths[slot] = PathData(
-                ts=ts.numpy(), logits=logits.numpy(), probs=logits.softmax(1).numpy(),
-                pred=logits.argmax(1).numpy(),
-                crossing=first_crossing(model, xm, ym, um, ts.numpy(), logits.numpy()),
-                margin=self._margin(name, index))
+            self.paths[slot] = path_data(model, xm, ym, self.u.to(dev), ts,
+                                         margin=self._margin(name, index))
         self._points = path_points(x, self.u, ts).float().cpu().numpy()  # for the image views
         with self._hold():
             self.position.max = self.t_max
@@ -508,21 +370,13 @@ class MarginExplorer:
         return [i for i, tr in enumerate(self.figures["A"].data) if tr.meta == meta]
 
     def _fmt(self, t: float) -> str:
-        """A distance for humans: Linf also in 1/255 units."""
-        if math.isnan(t):
-            return "none"
-        return f"{t:.4f} ({t * 255:.1f}/255)" if self.norm == "Linf" else f"{t:.3f}"
+        return format_distance(t, self.norm)
 
     def _fmt_margin(self, m: float) -> str:
-        # estimate_margin returns max_eps itself for "no boundary found up to max_eps"
-        return f"≥ {self._fmt(self.max_eps)}" if m >= self.max_eps else self._fmt(m)
+        return format_margin(m, self.max_eps, self.norm)
 
     def _reference_lines(self, p: PathData) -> list[tuple[str, float, str, str]]:
-        """(what, t, colour, dash) of the vertical lines drawn on every panel."""
-        lines = [("eps", self.eps, "grey", "dot"), ("crossing", p.crossing, "red", "dash")]
-        if p.margin < self.max_eps:
-            lines.append(("margin est.", p.margin, "green", "dot"))
-        return [line for line in lines if not math.isnan(line[1]) and line[1] <= self.t_max]
+        return reference_lines(p, eps=self.eps, max_eps=self.max_eps, t_max=self.t_max)
 
     def _redraw_paths(self) -> None:
         """Draw the whole path in every shown panel (after a recompute)."""
@@ -557,11 +411,7 @@ class MarginExplorer:
                                   f"{self._fmt_margin(p.margin)}")
 
     def _run_label(self, name: str) -> str:
-        """The run's name, with its method in brackets only where the name does not say it."""
-        config = getattr(self.runs[name], "config", None) or {}
-        method = str(config.get("method", "")) if isinstance(config, Mapping) else ""
-        shown = name.lower().replace("-", "_")
-        return f"{name} [{method}]" if method and method.lower() not in shown else name
+        return run_label(name, self.runs[name])
 
     def _redraw_position(self) -> None:
         """Move the markers and the perturbed image to the slider's position (no forward)."""
@@ -625,59 +475,22 @@ class MarginExplorer:
 
     # ------------------------------------------------------------------ static figure
     def path_figure(self, positions: Sequence[float] | None = None):
-        """The current paths as a static matplotlib figure (for ``save_figure`` and headless
-        runs): per shown model, probabilities and logits along t with the eps line, the
-        crossing and the margin estimate; below, the image at a few positions (default: the
-        start, the slider's position, the first crossing of model A, the end)."""
-        import matplotlib.pyplot as plt
-
+        """The current paths as a static matplotlib figure (``mixlab.margin_figure``; for
+        ``save_figure`` and headless runs): per shown model, probabilities and logits along t
+        with the eps line, the crossing and the margin estimate; below, the image at a few
+        positions (default: the start, the slider's position, the first crossing of model A,
+        the end)."""
         shown = self.shown()
-        label = int(self.y_test[self.index.value])
-        colors = self._colors()
         a = self.paths["A"]
-        if positions is None:
-            positions = [0.0, float(a.ts[min(self.step, self.n_points - 1)])]
-            if not math.isnan(a.crossing):
-                positions.append(a.crossing)
-            positions.append(self.t_max)
-        fig = plt.figure(figsize=(11, 3.0 * len(shown) + 2.4), layout="constrained")
-        grid = fig.add_gridspec(len(shown) + 1, 2 * len(positions),
-                                height_ratios=[3.0] * len(shown) + [2.0])
-        half = len(positions)
-        for row, (slot, name) in enumerate(shown.items()):
-            p = self.paths[slot]
-            for col, (values, ylabel) in enumerate(((p.probs, "probability"),
-                                                    (p.logits, "logit"))):
-                ax = fig.add_subplot(grid[row, col * half:(col + 1) * half])
-                for k, cname in enumerate(self.classes):
-                    ax.plot(p.ts, values[:, k], color=colors[k], lw=2.5 if k == label else 1,
-                            label=cname)
-                for what, t, color, dash in self._reference_lines(p):
-                    ax.axvline(t, color=color, ls=":" if dash == "dot" else "--", lw=1.2,
-                               label=what)
-                ax.set_xlim(0, self.t_max)
-                ax.set_ylabel(ylabel)
-                ax.set_xlabel(f"t ({self.norm}, pixel units)")
-                if col == 0:  # one title per model row: the name is not repeated
-                    ax.set_title(f"{slot}: {self._run_label(name)}, crossing "
-                                 f"{self._fmt(p.crossing)}, margin est. "
-                                 f"{self._fmt_margin(p.margin)}", fontsize=9, loc="left")
-                if row == 0 and col == 1:
-                    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         x, _ = self._image(self.index.value, torch.device("cpu"))
-        imgs = path_points(x, self.u.cpu().to(x.dtype), torch.tensor(positions))
-        preds = {}  # slot -> predicted class at each shown position (a forward: exact t)
-        for slot, name in shown.items():
-            model = model_of(self.runs[name])
-            logits = path_logits(model, imgs.to(model_device(model)))
-            preds[slot] = logits.argmax(1).tolist()
-        for j, (t, img) in enumerate(zip(positions, imgs.numpy())):
-            ax = fig.add_subplot(grid[-1, 2 * j:2 * j + 2])
-            ax.imshow(img.transpose(1, 2, 0).squeeze(), cmap="gray" if img.shape[0] == 1
-                      else None, vmin=0, vmax=1, interpolation="nearest")
-            preds_j = ", ".join(f"{s}: {self.classes[preds[s][j]]}" for s in shown)
-            ax.set_title(f"t={self._fmt(t)}\n{preds_j}", fontsize=8)
-            ax.axis("off")
-        fig.suptitle(f"image #{self.index.value} ({self.classes[label]}), direction: "
-                     f"{DIRECTIONS[self.direction.value]}", fontsize=11)
-        return fig
+        label = int(self.y_test[self.index.value])
+        return margin_path_figure(
+            {slot: self.paths[slot] for slot in shown},
+            {slot: model_of(self.runs[name]) for slot, name in shown.items()},
+            x, self.u, label=label, classes=self.classes, norm=self.norm, eps=self.eps,
+            max_eps=self.max_eps, t_max=self.t_max,
+            labels={slot: self._run_label(name) for slot, name in shown.items()},
+            positions=positions, current=float(a.ts[min(self.step, self.n_points - 1)]),
+            colors=self._colors(),
+            title=f"image #{self.index.value} ({self.classes[label]}), direction: "
+                  f"{DIRECTIONS[self.direction.value]}")

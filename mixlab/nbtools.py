@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,9 @@ from typing import Any
 import torch
 
 from .fileio import atomic_write_bytes, atomic_write_json
-
-
-def project_dir(start: str | Path | None = None) -> Path:
-    """The mixlab checkout the notebook runs in (the nearest folder above ``start`` holding
-    ``pyproject.toml`` and ``notebooks/``), else the current folder."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "notebooks").is_dir():
-            return folder
-    return here
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """The notebooks' ``device`` parameter as a torch.device: ``mixlab.train.pick_device``
-    ('auto' is CUDA when present, else CPU; a bad name or a missing GPU is one clear error)."""
-    from .train import pick_device
-    return pick_device(device)
+from .runs import git_commit, run_status, train_or_load  # noqa: F401  (the notebooks' API)
+from .runtime import pick_device as resolve_device  # noqa: F401  (the notebooks' name)
+from .runtime import project_dir
 
 
 def run_dir(notebook: str, profile: str, *parts: str, root: str | Path | None = None) -> Path:
@@ -68,15 +53,6 @@ def figures_dir() -> Path:
     return folder if folder.is_absolute() else project_dir() / folder
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=project_dir(), timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def save_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = None,
                 folder: str | Path | None = None) -> Path:
     """Save a matplotlib figure as ``<folder>/<name>_<profile>.png`` with a JSON sidecar that
@@ -93,6 +69,19 @@ def save_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = 
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
     atomic_write_json(path.with_suffix(".json"), meta, indent=2)
+    return path
+
+
+def show_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = None) -> Path:
+    """:func:`save_figure`, then close ``fig`` and display the saved PNG: what the notebook
+    shows is the file that was written (for notebooks that draw with the Agg backend)."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    fig.tight_layout()
+    path = save_figure(fig, name, profile=profile, extra=extra)
+    plt.close(fig)
+    display(Image(filename=str(path)))
     return path
 
 
@@ -116,8 +105,8 @@ def save_table(rows: dict[str, dict[str, Any]], name: str, *, profile: str,
 # ----------------------------------------------------------------------------- parameters
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """What a notebook parameter must be. ``kind``: str | int | float | strs (a list of
-    strings) | floats (a list of numbers) | dict. ``choices`` may be a callable (imported
+    """What a notebook parameter must be. ``kind``: str | int | float | bool | strs (a list
+    of strings) | floats (a list of numbers) | dict. ``choices`` may be a callable (imported
     lazily). ``low``: smallest allowed number (each element for floats)."""
     kind: str
     help: str
@@ -125,6 +114,11 @@ class Param:
     low: float | None = None
     low_open: bool = False
     optional: bool = False    # None is allowed
+
+
+def _profiles():
+    from .config import PROFILES
+    return tuple(PROFILES)
 
 
 def _variants():
@@ -143,14 +137,14 @@ def _datasets():
 
 
 def _directions():
-    from .explorer import DIRECTIONS
+    from .margin_paths import DIRECTIONS
     return tuple(DIRECTIONS)
 
 
 #: every parameter a notebook may have, by name (a notebook's ``check_params`` call names its
 #: own; a name missing here is an error, so each new parameter gets a type)
 PARAMS: dict[str, Param] = {
-    "profile": Param("str", "run size", choices=("smoke", "short", "paper")),
+    "profile": Param("str", "run size (mixlab.config.PROFILES)", choices=_profiles),
     "device": Param("str", "auto | cpu | cuda | cuda:N"),
     "seed": Param("int", "random seed", low=0),
     "dataset": Param("str", "dataset name", choices=_datasets),
@@ -171,6 +165,7 @@ PARAMS: dict[str, Param] = {
     "target_index": Param("int", "test image index", low=0),
     "direction": Param("str", "path direction", choices=_directions),
     "n_points": Param("int", "points per path", low=2),
+    "quiet": Param("bool", "no per-step progress bars while training"),
 }
 
 
@@ -193,10 +188,23 @@ def _check_number(name: str, value: Any, spec: Param, integer: bool) -> int | fl
     return value
 
 
+def _check_bool(name: str, value: Any, spec: Param) -> bool:
+    """True / False, also as papermill's ``-p quiet true`` passes it (the text true / false
+    in any case, or 1 / 0)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"parameter {name}={value!r} must be true or false ({spec.help}); "
+                    f"papermill: -p {name} true")
+
+
 def param_type(name: str) -> str:
     """The type of parameter ``name`` as a notebook's parameters cell states it for
-    ``papermill --help-notebook`` (``# type: list[str] ...``): str, int, float, list[str],
-    list[float] or dict, with ``|None`` when None is allowed."""
+    ``papermill --help-notebook`` (``# type: list[str] ...``): str, int, float, bool,
+    list[str], list[float] or dict, with ``|None`` when None is allowed."""
     spec = PARAMS[name]
     kind = {"strs": "list[str]", "floats": "list[float]"}.get(spec.kind, spec.kind)
     return kind + ("|None" if spec.optional else "")
@@ -256,6 +264,8 @@ def check_param(name: str, value: Any) -> Any:
             raise TypeError(f"parameter {name}={value!r} must be a string ({spec.help})")
     elif kind in ("int", "float"):
         value = _check_number(name, value, spec, kind == "int")
+    elif kind == "bool":
+        value = _check_bool(name, value, spec)
     elif kind in ("strs", "floats"):
         if isinstance(value, str):
             value = _text_list(name, value)
@@ -303,8 +313,8 @@ def check_param(name: str, value: Any) -> Any:
 
 def check_params(**params: Any) -> dict[str, Any]:
     """Check a notebook's parameters (its papermill ``parameters`` cell) in one call, before
-    anything runs: ``profile`` must be one of smoke / short / paper, every other parameter the
-    type :data:`PARAMS` gives it (``-p epochs abc`` is an error, not ignored). Returns the
+    anything runs: ``profile`` must be a name in :data:`mixlab.config.PROFILES`, every other
+    parameter the type :data:`PARAMS` gives it (``-p epochs abc`` is an error, not ignored). Returns the
     values normalised (see :func:`check_param`), in the order given. Then sets the CPU threads
     (:func:`mixlab.runtime.configure_threads`: ``$MIXLAB_THREADS``, else 1 without CUDA), so
     every notebook does before anything heavy runs.
@@ -319,40 +329,105 @@ def check_params(**params: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- training
-def run_status(run_dir: str | Path, *, method_hp: dict[str, Any] | None = None,
-               **settings: Any) -> str:
-    """What :func:`mixlab.train.train_or_load` will do with these arguments: ``"load"`` (a
-    finished run with the same settings is there), ``"train"`` (nothing there, an unfinished
-    run, or ``overwrite=True``) or ``"refuse"`` (a run with other settings is there: it will
-    raise and say how they differ). Reads ``last.pt``; trains nothing."""
-    from .train import config_difference, load_checkpoint, resolve_config
+def load_run(path: str | Path, **kwargs: Any):
+    """:func:`mixlab.runs.load_run` with one printed line first (``loading run <path>``),
+    as :func:`train_or_load` prints, so a notebook's output shows where every run came from."""
+    from . import runs
 
-    run_dir = Path(run_dir)
-    wanted = resolve_config(run_dir=str(run_dir), method_hp=method_hp, **settings)
-    if wanted["overwrite"] or not (run_dir / "last.pt").exists():
-        return "train"
-    try:
-        ckpt = load_checkpoint(run_dir / "last.pt")
-    except Exception:  # unreadable: train_or_load says why
-        return "refuse"
-    if config_difference(ckpt["config"], wanted):
-        return "refuse"
-    return "load" if ckpt["epoch"] + 1 >= wanted["epochs"] else "train"
+    print(f"loading run {path}", flush=True)
+    return runs.load_run(path, **kwargs)
 
 
-def train_or_load(*, run_dir: str | Path, which: str = "best",
-                  method_hp: dict[str, Any] | None = None, **settings: Any):
-    """:func:`mixlab.train.train_or_load` with one printed line first, so a notebook's output
-    shows whether it trained: ``training <run_dir>`` (also when it finishes an interrupted
-    run) or ``loading finished run <run_dir>``. Same arguments, same return value (the
-    ``which`` checkpoint as a :class:`mixlab.train.Run`), same errors."""
-    from . import train
+def train_speed(run) -> float:
+    """A run's training speed: images per second, averaged over its epochs (NaN when its
+    history records none)."""
+    speeds = [h["img_per_s"] for h in run.history if h.get("img_per_s") is not None]
+    return float(sum(speeds) / len(speeds)) if speeds else math.nan
 
-    status = run_status(run_dir, method_hp=method_hp, **settings)
-    if status != "refuse":  # a refused run_dir raises below, with the difference
-        print(f"{'loading finished run' if status == 'load' else 'training'} {run_dir}",
-              flush=True)
-    return train.train_or_load(run_dir=run_dir, which=which, method_hp=method_hp, **settings)
+
+def describe_runs(runs: dict[str, Any]) -> str:
+    """One line per run (a header first): method, model, epochs trained, the last epoch's
+    training loss and validation accuracies (clean, PGD), training images per second and
+    the selected epoch. The validation split is held out of the training set: these
+    numbers, and the choice of each run's best checkpoint, never see the test set."""
+    def num(value, fmt):
+        return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+    lines = [f"{'run':14s} {'method':8s} {'model':15s} {'epochs':>6s} {'loss':>7s} "
+             f"{'clean':>6s} {'PGD':>6s} {'img/s':>8s} {'selected':>9s}"]
+    for name, run in runs.items():
+        last = run.history[-1] if run.history else {}
+        lines.append(f"{name:14s} {run.config['method']:8s} {str(run.config['model']):15s} "
+                     f"{len(run.history):6d} {num(last.get('train_loss'), '7.3f')} "
+                     f"{num(last.get('val_clean'), '6.3f')} {num(last.get('val_robust'), '6.3f')} "
+                     f"{num(train_speed(run), '8.0f')} {'epoch ' + str(run.epoch):>9s}")
+    return "\n".join(lines)
+
+
+def method_budget(method: str, profile: str) -> dict[str, Any]:
+    """The engine settings (model, epochs, schedule, ...) that ``method``'s own profile adds
+    to :data:`mixlab.config.PROFILES` in ``profile``: passing them to every method of a
+    comparison trains all of them on that method's budget. {} when the method has none."""
+    from .config import TRAIN_DEFAULTS
+    from .methods import get_method
+
+    return {k: v for k, v in get_method(method).profiles.get(profile, {}).items()
+            if k in TRAIN_DEFAULTS}
+
+
+#: engine settings that make a training budget: network, data split, epochs, optimiser and
+#: schedule (not the method, its attack or its hyperparameters)
+BUDGET_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+               "schedule", "milestones", "lr_factors", "warmup", "val_size", "train_subset",
+               "eval_subset")
+
+
+def shared_budget(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`BUDGET_KEYS` of a resolved config (:func:`mixlab.train.resolve_config`):
+    keyword arguments that give another method the same budget."""
+    return {k: cfg[k] for k in BUDGET_KEYS}
+
+
+def load_test_images(dataset: str, n: int, device: torch.device | str = "cpu"):
+    """The first ``n`` test images of a fixed shuffle (seed 0: every notebook and profile
+    evaluates the same ones) on ``device``: ``(data, x, y)`` with x float in [0, 1]."""
+    from .data import load_dataset
+
+    test = load_dataset(dataset, "test").subset(n, seed=0).to(device)
+    return test, test.x.float() / 255, test.y
+
+
+def first_present(datasets: list[str]) -> str:
+    """The first of ``datasets`` whose training data is on this machine, else the last."""
+    from .data import find_dataset
+
+    return next((d for d in datasets if find_dataset(d, "train")), datasets[-1])
+
+
+# ----------------------------------------------------------------------------- toy problems
+def toy_data(name: str, n: int, *, d: int, noise: float, seed: int, n_test: int = 0):
+    """The toy data of :mod:`mixlab.theory` by name, seeded and centred by the training
+    mean: ``"moons"`` (two dimensions, ``noise``) or ``"gaussian"`` (a separable mixture in
+    ``d`` dimensions). Other names are a ValueError."""
+    from . import theory
+
+    if name == "moons":
+        return theory.make_moons(n, noise=noise, seed=seed, n_test=n_test)
+    if name == "gaussian":
+        return theory.make_gaussian_mixture(n, d, seed=seed, n_test=n_test)
+    raise ValueError(f"toy dataset {name!r} must be 'moons' or 'gaussian'")
+
+
+def toy_model(kind: str, d: int, *, width: int, seed: int):
+    """A toy model of :mod:`mixlab.theory` on ``d`` inputs: ``"logistic"`` (logistic
+    regression, θ = 0) or ``"mlp"`` (one tanh hidden layer of ``width`` units, seeded)."""
+    from . import theory
+
+    if kind == "logistic":
+        return theory.LogisticRegression(d)
+    if kind == "mlp":
+        return theory.MLP(d, width, 2, act="tanh", seed=seed)
+    raise ValueError(f"toy model {kind!r} must be 'logistic' or 'mlp'")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -564,7 +639,7 @@ def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
     evaluates again, and a cache file that does not parse or does not carry the key is
     ignored (with a printed line), never trusted. One line per checkpoint says which
     happened. Each result is also written as ``test_<which>.json`` in the run folder."""
-    from .train import load_run
+    from .runs import load_run
 
     evaluation_settings(**evaluate_kw)  # a bad keyword fails before any checkpoint loads
     best = run if run.which == "best" else load_run(run.path, which="best", device=x.device)
@@ -577,6 +652,35 @@ def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
     rows[checkpoint_label(name, best)] = evaluate_checkpoint(name, best, x, y, **evaluate_kw)
     rows[checkpoint_label(name, last)] = evaluate_checkpoint(name, last, x, y, **evaluate_kw)
     return rows
+
+
+def evaluate_runs(runs: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                  **evaluate_kw: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """:func:`evaluate_checkpoints` of every run, on the same images and settings:
+    ``{name: {"<name> (best, ep B)": result, "<name> (last, ep L)": result}}``."""
+    evaluation_settings(**evaluate_kw)  # a bad keyword fails before the first run
+    return {name: evaluate_checkpoints(name, run, x, y, **evaluate_kw)
+            for name, run in runs.items()}
+
+
+def table_rows(by_run: dict[str, dict[str, dict[str, Any]]],
+               *extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rows of :func:`evaluate_runs`' result in one table, run after run, then the rows
+    of each ``extra`` table (e.g. :func:`mixlab.references.reference_rows`). A row name
+    given twice is a ValueError (one row would hide the other)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for table in (*by_run.values(), *extra):
+        for name, row in table.items():
+            if name in rows:
+                raise ValueError(f"table row {name!r} given twice")
+            rows[name] = row
+    return rows
+
+
+def aa_used(rows: dict[str, dict[str, Any]]) -> Any:
+    """The AutoAttack attacks the evaluated rows ran (``"standard"`` or a list), from the
+    first row that records them; None when none does."""
+    return next((r["aa_attacks"] for r in rows.values() if "aa_attacks" in r), None)
 
 
 def table_report(rows: dict[str, dict[str, Any]], *, curves: dict[str, Any] | None = None,
@@ -593,13 +697,3 @@ def table_report(rows: dict[str, dict[str, Any]], *, curves: dict[str, Any] | No
         if "warnings" in r:
             lines.append(f"{name}: {format_report(r, curve=(curves or {}).get(name))}")
     return "\n".join(lines)
-
-
-def tolerated_flags(profile: str) -> list[str]:
-    """Substrings of the masking flags (:func:`mixlab.evaluate.masking_report`) that a
-    notebook's ``checks.evaluation`` lets pass in ``profile``. In smoke (64 test images,
-    models trained for seconds on a CPU) the attack-gap flags (CW-20, FGSM or AutoAttack
-    far from PGD-20) measure a barely trained model on a handful of images, so they pass;
-    in the other profiles none does. An attack above clean accuracy, a robust-accuracy curve
-    rising with eps and AutoAttack's own checks never pass."""
-    return ["below PGD-20", "stronger than PGD-20"] if profile == "smoke" else []

@@ -18,7 +18,7 @@ value (min for p_a and p_b, max for p_other), since δ = 0 is in the ball: so th
 probability of a label never exceeds its clean probability, by construction. The three
 curves come from three different attacked points; they are envelopes, not one image.
 (For a fixed λ the ball around x(λ) is the set AMP's endpoint perturbations reach, up to the
-[0, 1] box; papers.md, AMP section.)
+[0, 1] box; docs/amp.md#the-method-as-implemented.)
 
 Works for any model that maps (N, C, H, W) pixels in [0, 1] to logits.
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attacks import check_eps, eval_mode, pgd
+from .attacks import check_eps, eval_logits, eval_mode, pgd, pgd_step_size
 
 #: a logit value that acts as "excluded" in a log-sum-exp but keeps gradients finite
 _EXCLUDED = -1e4
@@ -55,7 +55,7 @@ def _lam_grid(lams) -> torch.Tensor:
     return torch.as_tensor(lams, dtype=torch.float32).reshape(-1)
 
 
-def path_points(x_a: torch.Tensor, x_b: torch.Tensor, lams) -> torch.Tensor:
+def interpolation_points(x_a: torch.Tensor, x_b: torch.Tensor, lams) -> torch.Tensor:
     """The mixed images λ·x_a + (1 − λ)·x_b: x_a, x_b (P, C, H, W), lams (L,) ->
     (P, L, C, H, W)."""
     lam = _lam_grid(lams).to(x_a.device, x_a.dtype).reshape(1, -1, 1, 1, 1)
@@ -67,10 +67,8 @@ def _other_mask(y_a: torch.Tensor, y_b: torch.Tensor, num_classes: int) -> torch
     return F.one_hot(y_a, num_classes).bool() | F.one_hot(y_b, num_classes).bool()
 
 
-@torch.no_grad()
 def _probs(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size]).float().softmax(1)
-                      for i in range(0, len(x), batch_size)])
+    return eval_logits(model, x, batch_size).softmax(1)
 
 
 def _curves(probs: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor):
@@ -144,7 +142,7 @@ def interpolation_path(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Ten
             y_b = _probs(model, x_b, batch_size).argmax(1)
         y_a, y_b = _as_labels(y_a, n_pairs, x_a.device), _as_labels(y_b, n_pairs, x_a.device)
         # flatten (P, L) -> P·L rows; each row keeps its pair's labels
-        x = path_points(x_a, x_b, grid).flatten(0, 1)
+        x = interpolation_points(x_a, x_b, grid).flatten(0, 1)
         ya, yb = y_a.repeat_interleave(n_lams), y_b.repeat_interleave(n_lams)
         probs = _probs(model, x, batch_size)
         p_a, p_b, p_other, other_class = _curves(probs, ya, yb)
@@ -156,7 +154,7 @@ def interpolation_path(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Ten
             result[key] = v.reshape(shape).cpu().numpy()
         result["probs"] = probs.reshape(*shape, -1).cpu().numpy()
         if eps is not None and eps > 0 and steps > 0:
-            step_size = step_size if step_size is not None else max(eps / 4, 2.5 * eps / steps)
+            step_size = step_size if step_size is not None else pgd_step_size(eps, steps)
             a_adv, b_adv, other_adv = _worst_case(model, x, ya, yb, eps=eps, step_size=step_size,
                                                   steps=steps, norm=norm,
                                                   batch_size=batch_size,
@@ -177,7 +175,7 @@ def image_strip(x_a: torch.Tensor, x_b: torch.Tensor, lams: int | Sequence[float
     """One image (H, L·(W + gap) − gap, C) in [0, 1] showing the path of one pair from x_b
     (left, λ = 0) to x_a (right, λ = 1) at ``lams`` points, white gaps between; ready for
     ``plt.imshow``. x_a, x_b: (C, H, W) or (1, C, H, W)."""
-    points = path_points(_as_batch(x_a), _as_batch(x_b), lams)[0]  # (L, C, H, W)
+    points = interpolation_points(_as_batch(x_a), _as_batch(x_b), lams)[0]  # (L, C, H, W)
     n, c, h, w = points.shape
     # pad each image on the right with a white gap, lay them side by side, drop the last gap
     padded = F.pad(points, (0, gap), value=1.0)                    # (L, C, H, W + gap)

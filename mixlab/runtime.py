@@ -20,10 +20,14 @@ per training example (a training forward + backward is 3, an attack forward + in
 is 2, a forward without gradients is 1), times examples, times epochs, divided by a measured
 CPU rate (:data:`CPU_FORWARD_RATE`). ``train()`` uses it to refuse the GPU-sized ``short`` and
 ``paper`` profiles on a CPU unless ``allow_slow_cpu=True`` (command line ``--allow-slow-cpu``).
+
+**Device and checkout.** :func:`pick_device` turns a ``device`` setting into a torch.device;
+:func:`project_dir` finds the mixlab checkout a notebook or command runs in.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +95,35 @@ def threads_reason() -> str:
     CPU', 'torch default (CUDA machine)', or 'torch default' when configure_threads was not
     called in this process."""
     return _threads_reason or "torch default"
+
+
+# ----------------------------------------------------------------------------- device, checkout
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """The torch.device a ``device`` setting names: 'auto' is CUDA when present, else the CPU;
+    'cpu', 'cuda' and 'cuda:N' as torch reads them. A bad name, or CUDA asked for where torch
+    sees none, is one clear error."""
+    from .config import check_device_name  # config sits above this module
+
+    check_device_name(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device; "
+                           "use device='cpu' or 'auto'")
+    return device
+
+
+def project_dir(start: str | Path | None = None) -> Path:
+    """The mixlab checkout around ``start`` (default: the current folder): the nearest folder
+    at or above it holding ``pyproject.toml`` and ``notebooks/``, else ``start`` itself
+    (resolved). Notebooks run in ``notebooks/``, so this is how they find ``runs/``,
+    ``figures/`` and ``data/``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "notebooks").is_dir():
+            return folder
+    return here
 
 
 # ----------------------------------------------------------------------------- CPU cost

@@ -3,10 +3,10 @@
 Paper: Zhang, Deng, Kawaguchi, Ghorbani, Zou, "How Does Mixup Help With Robustness and
 Generalization?", ICLR 2021, arXiv 2010.04819. No official code.
 
-Source of the statements: the mixup-theory section of ``shared/papers.md``, where they were
-derived and checked numerically. The paper's body could not be read offline (the stored copies
-reachable here show only its abstract and introduction), so equation numbers are not quoted and
-the statements below are those of papers.md.
+Source of the statements: docs/mixup_theory.md, mixlab's derivation of the paper's results in
+the paper's setting, each checked numerically (tests/test_theory.py and the notebook). Equation
+numbers are not quoted; the exact conditions of each theorem are the paper's, and where the two
+disagree the paper is right.
 
 Setting (binary classification, labels y in {0, 1}). A model f maps inputs x of shape (n, d) to
 logits f(x) of shape (n,), and the loss is
@@ -147,7 +147,7 @@ def _beta(alpha: float, beta: float | None) -> float:
 
 
 def mixing_moments(alpha: float, beta: float | None = None) -> tuple[float, float]:
-    """(E[1 - lam], E[(1 - lam)^2]) under D~ (papers.md, mixup theory, step 1).
+    """(E[1 - lam], E[(1 - lam)^2]) under D~ (docs/mixup_theory.md, step 1).
 
     D~ = alpha/(alpha+beta) Beta(alpha+1, beta) + beta/(alpha+beta) Beta(beta+1, alpha)
     (alpha = beta: Beta(alpha+1, alpha)). E_D~[1 - lam] = 2 alpha beta / ((alpha+beta)(alpha+beta+1))
@@ -231,7 +231,7 @@ def mixup_loss_exact(model, x: torch.Tensor, y: torch.Tensor, alpha: float,
     """Exact mixup loss by Gauss-Jacobi quadrature over D~ on all n^2 pairs.
 
     L_mix = (1/n^2) sum_ij E_{lam ~ D~} l(theta, lam x_i + (1 - lam) x_j, y_i)
-    (papers.md, mixup theory, step 1: l is linear in y, so mixing the labels is the same as
+    (docs/mixup_theory.md, step 1: l is linear in y, so mixing the labels is the same as
     keeping y_i and reweighting lam by lam, which turns Beta(alpha, beta) into D~).
     "Exact" up to the quadrature error, which is negligible for analytic l at the default order
     (compare ``order`` and ``2 * order`` to see it). Cost: n^2 * order model evaluations.
@@ -285,7 +285,7 @@ def mixup_loss_mc(model, x: torch.Tensor, y: torch.Tensor, alpha: float,
 
 @dataclass(frozen=True)
 class MixupTerms:
-    """L~_mix = std + r1 + r2 + r3 (papers.md, mixup theory, step 2, the Lemma)."""
+    """L~_mix = std + r1 + r2 + r3 (docs/mixup_theory.md, step 2)."""
 
     std: float
     r1: float
@@ -333,7 +333,7 @@ def approx_mixup_loss(model, x: torch.Tensor, y: torch.Tensor, alpha: float,
     """Approximate mixup loss L~_mix = L_std + R1 + R2 + R3 of any differentiable model (autograd).
 
     Second-order Taylor expansion in (1 - lam) of l(theta, x_i + (1 - lam)(r - x_i), y_i) around
-    the unshifted point x_i (papers.md, mixup theory, step 2; r ~ training inputs, moments of
+    the unshifted point x_i (docs/mixup_theory.md, step 2; r ~ training inputs, moments of
     1 - lam under D~, grad/Hess with respect to the input):
       R1 = E[1-lam]/n       sum_i (h'(f_i) - y_i) grad f(x_i)^T E_r[r - x_i]
       R2 = E[(1-lam)^2]/(2n) sum_i h''(f_i) grad f(x_i)^T E_r[(r - x_i)(r - x_i)^T] grad f(x_i)
@@ -408,7 +408,8 @@ def _second_order_adv(std: torch.Tensor, resid: torch.Tensor, curv: torch.Tensor
 
 
 def adv_loss_second_order(model, x: torch.Tensor, y: torch.Tensor, eps):
-    """Second-order adversarial loss for the l2 ball of radius eps (papers.md, robustness theorem):
+    """Second-order adversarial loss for the l2 ball of radius eps (docs/mixup_theory.md,
+    robustness):
 
     L~_adv(eps) = L_std + eps/n sum_i |h'(f_i) - y_i| ||grad f(x_i)||_2
                         + eps^2/(2n) sum_i h''(f_i) ||grad f(x_i)||_2^2.
@@ -436,7 +437,7 @@ def adv_loss_exact_linear(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
         = (1/n) sum_i softplus(-m_i + eps ||theta||_2)
     with margin m_i = (2 y_i - 1) f(x_i): the worst delta is -eps (2y_i - 1) theta / ||theta||.
     No box constraint (toy inputs are not pixels). It can slightly exceed L~_adv(eps)
-    (papers.md). eps: float or array, as in ``adv_loss_second_order``.
+    (docs/mixup_theory.md, robustness). eps: float or array, as in ``adv_loss_second_order``.
     """
     theta = theta.detach().to(x)
     m = ((2 * y - 1) * (x @ theta + bias)).cpu().numpy()
@@ -462,7 +463,7 @@ class EpsMix:
 
 def eps_mix(direction: torch.Tensor, x: torch.Tensor, alpha: float,
             beta: float | None = None) -> EpsMix:
-    """eps_mix = R c_x E_D~[1 - lam] (papers.md, logistic-regression robustness theorem).
+    """eps_mix = R c_x E_D~[1 - lam] (docs/mixup_theory.md, the logistic-regression theorem).
 
     direction: theta (d,) for logistic regression, R = min_i |cos(theta, x_i)|; or the per-point
     input gradients grad f(x_i) (n, d) for the network version, R = min_i |cos(grad f(x_i), x_i)|.
@@ -495,8 +496,8 @@ def norm_condition(x: torch.Tensor, c_x: float, *, rtol: float = 1e-12) -> bool:
 
 def homogeneity_gap(model, x: torch.Tensor) -> float:
     """max_i |f(x_i) - grad f(x_i)^T x_i|: 0 for bias-free ReLU/max-pool nets, the condition of
-    the network version of the theorem (papers.md: "uses f(x) = grad f(x)^T x"; the paper's exact
-    conditions could not be checked offline)."""
+    the network version of the theorem (docs/mixup_theory.md: it needs f(x) = grad f(x)^T x; the
+    paper's exact conditions take precedence)."""
     z, g, _ = input_gradients(model, x)
     return float((z - (g * x).sum(1)).abs().max())
 

@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests run on CPU with one thread each (the machine has 2 cores), seeded."""
+"""Shared fixtures. Tests run on CPU with one thread each (cores are often shared), seeded."""
 import os
 from pathlib import Path
 

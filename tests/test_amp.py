@@ -13,8 +13,9 @@ from mixlab.methods import amp as amp_mod
 from mixlab.methods.amp import amp_loss, amp_perturb, geo_weight, mix
 from mixlab.methods.mixup import mixup_criterion, mixup_data
 from mixlab.models import build_model
-from mixlab.paths import image_strip, interpolation_path, path_points
-from mixlab.train import CheckpointError, check_compatible, load_checkpoint, load_run, train
+from mixlab.paths import image_strip, interpolation_path, interpolation_points
+from mixlab.runs import CheckpointError, check_compatible, load_checkpoint, load_run
+from mixlab.train import train
 
 B, K = 8, 10
 
@@ -169,7 +170,7 @@ def test_path_probe_endpoints_and_worst_case(net, batch):
     np.testing.assert_allclose(strip[:, :32], x[perm][0].permute(1, 2, 0).numpy())  # λ = 0
     np.testing.assert_allclose(strip[:, -32:], x[0].permute(1, 2, 0).numpy())      # λ = 1
     assert (strip[:, 32:34] == 1).all()  # white gap
-    assert path_points(x[:2], x[perm][:2], [0.0, 1.0]).shape == (2, 2, 3, 32, 32)
+    assert interpolation_points(x[:2], x[perm][:2], [0.0, 1.0]).shape == (2, 2, 3, 32, 32)
 
 
 def test_amp_smoke_training_lowers_loss(tmp_path):
@@ -188,7 +189,7 @@ def test_amp_smoke_training_lowers_loss(tmp_path):
 
 
 def _write_cifar100(root, n_train=256, n_test=64):
-    """Synthetic data in torchvision's cifar-100-python layout (the real set is not offline)."""
+    """Synthetic data in torchvision's cifar-100-python layout, a small stand-in."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     g = np.random.default_rng(0)

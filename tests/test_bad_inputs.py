@@ -19,7 +19,8 @@ from mixlab.cli import main
 from mixlab.config import resolve_config
 from mixlab.evaluate import evaluate
 from mixlab.models import build_model
-from mixlab.train import CheckpointError, load_run, train
+from mixlab.runs import CheckpointError, load_run
+from mixlab.train import train
 
 RUN = dict(method="pgd_at", dataset="synthetic", model="tiny", epochs=1, batch_size=32,
            train_subset=128, val_size=128, eval_subset=32, steps=1, eval_steps=1, device="cpu",

@@ -12,7 +12,8 @@ from mixlab.data import load_dataset
 from mixlab.evaluate import evaluate, masking_report
 from mixlab.methods import amp as amp_mod, gairat as gairat_mod, mixup as mixup_mod, mma as mma_mod
 from mixlab.models import build_model
-from mixlab.train import load_run, train
+from mixlab.runs import load_run
+from mixlab.train import train
 
 FAST = dict(dataset="synthetic", model="tiny", epochs=2, batch_size=64, train_subset=512,
             val_size=256, eval_subset=128, lr=0.05, schedule="onecycle", warmup=0.3, steps=2,
@@ -224,7 +225,7 @@ def test_theory_bound_passes_inside_theta(gauss):
 def test_theory_bound_fails_at_theta_zero(gauss):
     x, y, _ = gauss
     bound = T.robustness_bound(None, x, y, 1.0, theta=torch.zeros(10, dtype=torch.float64))
-    assert bound["in_theta"] and bound["holds"]  # what the old notebook assertion accepted
+    assert bound["in_theta"] and bound["holds"]  # what a bare `holds` assertion would accept
     with pytest.raises(CheckFailed, match="boundary of Θ"):
         checks.theory_bound(bound)
 

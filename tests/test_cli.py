@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from mixlab.cli import main
+from mixlab.methods import get_method
 
 
 def run_cli(*args, env=None):
@@ -82,7 +83,7 @@ def test_dry_run_prints_exactly_the_config_json_of_the_run(tmp_path, capsys):
     assert json.loads(saved) == printed
     assert saved.strip() == text.strip()
     assert printed["method"] == "mixup" and printed["epochs"] == 1
-    assert printed["method_hp"] == {"alpha": 0.5, "per_example": False}
+    assert printed["method_hp"] == {**get_method("mixup").defaults, "alpha": 0.5}
 
 
 def test_set_method_key_lands_in_method_hp_only(capsys):

@@ -1,6 +1,6 @@
 """mixlab.config: how settings merge, and why no name can cross between the engine's settings
-and a method's hyperparameters (the crossed-wire bug: the PGD step size and mixup's Beta
-concentration once shared the name ``alpha``, so setting one set both)."""
+and a method's hyperparameters (were the PGD step size and mixup's Beta concentration both
+called ``alpha``, setting one would set both)."""
 import json
 
 import numpy as np
@@ -22,12 +22,14 @@ PROFILES = (None, *PROFILE_NAMES)
 FILLED_FROM_NONE = {"mma": ("d_max", "mineps")}
 #: a valid value other than the default (and than any hp_profiles value), per method
 OVERRIDES = {
-    "mixup": {"alpha": 0.2, "per_example": True},
+    "mixup": {"alpha": 0.2, "per_example": True, "mix": "cutmix"},
     "amp": {"alpha": 0.4, "lam_opt": True, "clean_weight": 0.5},
     "mma": {"d_max": 0.1, "mineps": 0.01, "search_steps": 5, "clean_coeff": 0.0},
     "gairat": {"begin_epoch": 7, "gair_lambda": -2.0, "weight_fn": "sigmoid"},
     "gair_fat": {"begin_epoch": 7, "tau": [1, 2, 3], "omega": 0.01},
     "fat": {"tau": 1, "omega": 0.0},
+    "trades": {"beta": 1.0},
+    "pgd_at": {"mix": "cutmix", "mix_alpha": 0.5},
 }
 EPS = dataset_info("cifar10")["eps"]["Linf"]  # the default dataset's radius (8/255)
 
@@ -173,7 +175,7 @@ def test_mma_mnist_steps_reach_the_method_only_as_attack_steps(preset, profile, 
     assert built["attack"] == attack_spec(cfg)
     assert set(built) == {"num_train", "num_classes", "epochs", "attack", *MMA.defaults}
 
-    # and AN-PGD runs attack.steps iterations, in training and in the margin evaluation
+    # and attack.steps PGD iterations run in training (AN-PGD) and in the margin evaluation
     calls = []
     real_anpgd = mma_mod.anpgd
 
@@ -181,6 +183,12 @@ def test_mma_mnist_steps_reach_the_method_only_as_attack_steps(preset, profile, 
         calls.append(kw["steps"])
         return real_anpgd(*args, **kw)
     monkeypatch.setattr(mma_mod, "anpgd", spy_anpgd)
+    real_estimate = mma_mod.estimate_margin
+
+    def spy_estimate(*args, **kw):
+        calls.append(kw["steps"])
+        return real_estimate(*args, **kw)
+    monkeypatch.setattr(mma_mod, "estimate_margin", spy_estimate)
     method = MMA(**{**built, "num_train": 4})
     model = build_model("tiny", 10, 1)
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))

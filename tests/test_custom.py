@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from mixlab import data as data_mod
 from mixlab import models
-from mixlab.train import CheckpointError, load_run, train
+from mixlab.runs import CheckpointError, load_run
+from mixlab.train import train
 
 EPS = 8 / 255
 FAST = dict(epochs=1, batch_size=32, val_size=64, steps=2, eval_steps=2, device="cpu",

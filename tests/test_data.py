@@ -250,6 +250,24 @@ def test_mnist_idx(tmp_path):
         load_dataset("mnist", "test", root=root)
 
 
+def test_prepare_offline_copies(tmp_path):
+    """`python -m mixlab prepare --from <folder>`: the MNIST .gz files of the folder land in
+    torchvision's layout under the data root; a folder without copies prepares nothing."""
+    source = tmp_path / "shared"
+    raw = source / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem, (x, y) in _mnist_arrays().items():
+        (raw / f"{stem}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(x)))
+        (raw / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(y)))
+    root = tmp_path / "data"
+    assert data.prepare_offline_copies(source, root) == {"MNIST": root.resolve() / "MNIST"}
+    assert load_dataset("mnist", "test", root=root).x.shape == (3, 1, 28, 28)
+    (tmp_path / "empty").mkdir()
+    assert data.prepare_offline_copies(tmp_path / "empty", tmp_path / "other") == {}
+    with pytest.raises(ValueError, match="not a folder"):
+        data.prepare_offline_copies(tmp_path / "nowhere", root)
+
+
 def _pickle(path, obj):
     path.write_bytes(pickle.dumps(obj))
 

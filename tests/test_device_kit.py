@@ -1,5 +1,6 @@
-"""tools/device_kit.py: the stages that bring GPU results back fit the device tool's rules,
-name real notebooks and bench rows, and pack what they made even when a job fails."""
+"""tools/device_kit.py: the stages that run on an offline GPU machine name real notebooks and
+bench rows and fit their time budget, the data is found in every layout mixlab reads, and a stage
+packs what it made even when a job fails."""
 import importlib.util
 import io
 import sys
@@ -27,12 +28,13 @@ def test_stages_name_real_notebooks_rows_and_carried_folders(kit):
     covered = set()
     for name, (carry, jobs) in kit.STAGES.items():
         assert set(carry) <= {"whl", "cifar10", "mnist"} and "whl" in carry, name
-        assert len(carry) <= 8  # the device tool carries at most 8 paths
-        # each stage must fit one 10-minute call with room to pack
-        assert sum(limit for *_, limit in jobs) * 60 <= 660, name
+        # each stage is sized for the default ten-minute budget (the budget cuts the last job)
+        assert sum(limit for *_, limit in jobs) * 60 <= kit.STAGE_BUDGET_S + 60, name
         for label, argv, _ in jobs:
             if argv[0] == "mixlab.notebooks":
-                only = argv[argv.index("--only") + 1:]
+                rest = argv[argv.index("--only") + 1:]
+                only = [a for a in rest if not a.startswith("--")]
+                assert all(a.startswith("--param=") for a in rest if a.startswith("--"))
                 assert set(only) <= notebooks, only
                 covered |= set(only)
             elif argv[0] == "pytest":
@@ -43,7 +45,8 @@ def test_stages_name_real_notebooks_rows_and_carried_folders(kit):
                            else None)
                 bench.resolve_settings(methods=methods, device="cpu")  # raises on unknown rows
     assert covered == notebooks  # every notebook gets its GPU figures from some stage
-    assert "mma_mnist" in str(kit.STAGES["mnist"]) and "mnist" in kit.STAGES["mnist"][0]
+    assert "--param=dataset=mnist" in str(kit.STAGES["mnist"])
+    assert "mnist" in kit.STAGES["mnist"][0]
     plan = kit.plan()
     for name in kit.STAGES:
         assert f"stage {name} --out $OUT" in plan
@@ -99,11 +102,11 @@ def test_a_stage_logs_each_job_and_packs_even_when_one_fails(kit, tmp_path, monk
     assert rc == 1
     log = (tmp_path / "out" / "probe.log").read_text()
     assert "ok    works: exit 0" in log and "FAIL  breaks: exit 2" in log
-    assert "FAIL  hangs: exit timeout, 3 s" in log and "call this stage again" in log
+    assert "FAIL  hangs: exit timeout, 3 s" in log and "run this stage again" in log
     assert "packed 0 files" in log  # nothing new in figures/ or results/
     with tarfile.open(tmp_path / "out" / "probe.tar.gz") as tar:
         assert tar.getnames() == []
-    # a call with too little time left skips its jobs instead of overrunning the limit
+    # a stage with too little budget left skips its jobs instead of overrunning the limit
     assert kit.stage("probe", tmp_path / "late", profile="smoke", budget_s=50) == 1
     assert "SKIP" in (tmp_path / "late" / "probe.log").read_text()
 
@@ -134,7 +137,7 @@ def test_missing_carried_data_fails_the_stage_with_a_hint(kit, tmp_path, monkeyp
     monkeypatch.setitem(kit.STAGES, "probe", (("cifar10",), [("nb", ["mixlab.notebooks"], 1)]))
     assert kit.stage("probe", tmp_path / "out", data_root=tmp_path / "data") == 1
     assert ran == []  # no job runs without its data
-    assert "was .carry/cifar10 named in carry?" in (tmp_path / "out" / "probe.log").read_text()
+    assert "copy .carry/cifar10" in (tmp_path / "out" / "probe.log").read_text()
 
 
 def test_plan_marks_the_stages_whose_gpu_results_exist(kit, tmp_path):
@@ -147,3 +150,52 @@ def test_plan_marks_the_stages_whose_gpu_results_exist(kit, tmp_path):
              for line in kit.plan(tmp_path).splitlines()[1:]}
     assert "[done: 1 files]" in lines["amp"] and "[to do]" in lines["gairat"]
     assert "[log only]" in lines["tests"]
+
+
+def test_data_is_found_in_every_layout_and_placed_once(kit, tmp_path, monkeypatch):
+    mnist_names = list(kit.MNIST_FILES)
+    # torchvision's layouts
+    tv = tmp_path / "tv"
+    (tv / "cifar-10-batches-py").mkdir(parents=True)
+    (tv / "MNIST" / "raw").mkdir(parents=True)
+    for name in mnist_names:
+        (tv / "MNIST" / "raw" / name).write_bytes(b"x")
+    assert kit.find_cifar10(tv) == ("torchvision", tv / "cifar-10-batches-py")
+    assert [f.name for f in kit.find_mnist(tv)] == mnist_names
+    assert kit.data_present("cifar10", tv) and kit.data_present("mnist", tv)
+    # an image-folder tree one folder down, and gzipped MNIST: packed, not yet usable
+    folder = tmp_path / "folder"
+    for split in ("train", "test"):
+        (folder / "cifar10" / "copy" / split / "cat").mkdir(parents=True)
+        (folder / "cifar10" / "copy" / split / "cat" / "0.png").write_bytes(b"png")
+    (folder / "cifar10" / "copy" / "train.pt").write_bytes(b"cache")
+    (folder / "MNIST" / "raw").mkdir(parents=True)
+    for name in mnist_names:
+        (folder / "MNIST" / "raw" / f"{name}.gz").write_bytes(b"gz")
+    assert kit.find_cifar10(folder) == ("folder", folder / "cifar10" / "copy")
+    assert not kit.data_present("mnist", folder)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    kit.tar_image_folder(folder / "cifar10" / "copy", archive)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["test/cat/0.png", "train/cat/0.png"]
+    assert kit.find_cifar10(tmp_path) == ("archive", archive)
+    assert kit.find_cifar10(tmp_path / "nothing") is None
+    # placing torchvision's layout copies it; data already there is left alone
+    prepared = []
+    done = type("Done", (), {"returncode": 0})
+    monkeypatch.setattr(kit.subprocess, "run", lambda argv, **kw: prepared.append(argv) or done)
+    root = tmp_path / "root"
+    with open(tmp_path / "log", "w") as log:
+        assert kit.place_data("cifar10", tv, root, env={}, log=log) is None
+        assert kit.place_data("mnist", tv, root, env={}, log=log) is None
+        assert (root / "cifar-10-batches-py").is_dir() and kit.data_present("mnist", root)
+        assert len(prepared) == 2
+        assert kit.place_data("mnist", tmp_path / "absent", root, env={}, log=log) is None
+        assert len(prepared) == 2  # present: nothing copied, nothing prepared
+
+
+def test_plan_prints_commands_for_the_gpu_machine(kit):
+    plan = kit.plan()
+    assert plan.splitlines()[0].startswith("# ")
+    for line in plan.splitlines()[1:]:
+        assert line.startswith("python3 tools/device_kit.py stage ") and "needs .carry/whl" in line

@@ -387,3 +387,90 @@ def test_a_file_in_the_way_of_run_dir_is_warned_early_and_the_result_kept(model_
     assert any("not a writable folder" in m for m in messages)  # before the attacks
     assert any("could not be written" in m for m in messages)   # after them
     assert res["clean"] == 1.0 and res["saved_to"] is None
+
+
+# ----------------------------------------------------------------------------- progress
+class RecordingBar:
+    """Stands in for tqdm: records what the progress handler sets."""
+
+    def __init__(self, *args, **kwargs):
+        self.kwargs, self.total, self.n = kwargs, kwargs.get("total"), 0
+        self.descriptions, self.postfixes, self.positions, self.closed = [], [], [], False
+
+    def __iter__(self):  # the batched attacks iterate over their batch starts
+        for item in self.kwargs.get("iterable") or self.iterable:
+            self.n += 1
+            self.positions.append(self.n)
+            yield item
+
+    def set_description(self, text):
+        self.descriptions.append(text)
+
+    def reset(self, total=None):
+        self.total, self.n = total, 0
+
+    def refresh(self):
+        self.positions.append((self.n, self.total))
+
+    def set_postfix_str(self, text):
+        self.postfixes.append(text)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def recorded_bars(monkeypatch):
+    import tqdm.auto
+    bars = []
+
+    def make(iterable=None, *args, **kwargs):
+        bar = RecordingBar(**kwargs)
+        bar.iterable = iterable
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", make)
+    return bars
+
+
+def test_progress_bars_follow_every_batch_and_autoattack_stage(model_and_data, recorded_bars):
+    model, x, y = model_and_data
+    quiet = evaluate(model, x[:12], y[:12], attacks=("clean", "pgd20", "aa"), eps=8 / 255,
+                     batch_size=5, aa_attacks=["apgd-ce"], progress=False)
+    assert recorded_bars == []  # progress=False: no bar at all
+    loud = evaluate(model, x[:12], y[:12], attacks=("clean", "pgd20", "aa"), eps=8 / 255,
+                    batch_size=5, aa_attacks=["apgd-ce"])
+    assert {k: loud[k] for k in ("clean", "pgd20", "aa", "robust", "per_example")} == \
+        {k: quiet[k] for k in ("clean", "pgd20", "aa", "robust", "per_example")}
+    pgd_bar, aa_bar = recorded_bars
+    assert pgd_bar.kwargs["desc"] == "PGD-20" and pgd_bar.positions == [1, 2, 3]  # 12 / 5
+    assert aa_bar.descriptions == ["AutoAttack apgd-ce"]
+    assert aa_bar.positions[-1] == (aa_bar.total, aa_bar.total)  # every batch reported
+    assert aa_bar.postfixes and aa_bar.postfixes[-1].startswith("robust ")
+    assert aa_bar.closed
+
+
+def test_autoattack_progress_passes_on_no_debug_records(model_and_data):
+    """A root handler that takes everything (as logging.basicConfig installs) must see no
+    DEBUG chatter from AutoAttack while its progress bar listens at DEBUG level."""
+    model, x, y = model_and_data
+    seen = []
+    catch_all = logging.Handler(level=logging.NOTSET)
+    catch_all.emit = lambda record: seen.append(record)
+    root = logging.getLogger()
+    root.addHandler(catch_all)
+    try:
+        evaluate(model, x[:4], y[:4], attacks=("clean", "aa"), eps=8 / 255,
+                 aa_attacks=["apgd-ce"])
+    finally:
+        root.removeHandler(catch_all)
+    assert not [r for r in seen if r.name == "auto-attack" and r.levelno < logging.WARNING]
+    assert logging.getLogger("auto-attack").level == logging.NOTSET  # restored
+    assert logging.getLogger("auto-attack").propagate
+
+
+def test_progress_must_be_a_bool(model_and_data):
+    model, x, y = model_and_data
+    with pytest.raises(TypeError, match="progress must be True or False, got str 'no'"):
+        evaluate(model, x, y, progress="no")

@@ -8,8 +8,11 @@ import torch
 import torch.nn as nn
 
 from mixlab.data import synthetic_dataset
-from mixlab.explorer import (DIRECTIONS, MarginExplorer, first_crossing, path_direction,
-                             path_logits, path_points)
+from mixlab.attacks import estimate_margin, eval_logits
+from mixlab.explorer import MarginExplorer
+from mixlab.margin_figure import margin_path_figure
+from mixlab.margin_paths import (DIRECTIONS, first_crossing, path_data, path_direction,
+                                 path_points)
 from mixlab.models import build_model
 
 matplotlib.use("Agg")
@@ -55,7 +58,7 @@ def test_crossing_matches_linear_model(norm):
     if float(diff @ u.flatten()) < 0:  # walk the way that crosses
         u = -u
     ts = torch.linspace(0, t_max, 101)
-    logits = path_logits(model, path_points(x, u, ts)).numpy()
+    logits = eval_logits(model, path_points(x, u, ts)).numpy()
     expected = -m0 / float(diff @ u.flatten())
     got = first_crossing(model, x, y, u, ts.numpy(), logits)
     if expected <= t_max:
@@ -66,7 +69,7 @@ def test_crossing_matches_linear_model(norm):
     u, t_max, note = path_direction("pgd", model, x, y, norm=norm, eps=0.03, max_eps=max_eps,
                                     steps=5)
     assert note == ""
-    logits = path_logits(model, path_points(x, u, ts)).numpy()
+    logits = eval_logits(model, path_points(x, u, ts)).numpy()
     assert first_crossing(model, x, y, u, ts.numpy(), logits) == pytest.approx(
         true_margin, rel=1e-3)
 
@@ -188,6 +191,25 @@ def test_path_figure_is_static():
     assert isinstance(fig, matplotlib.figure.Figure)
     images = 3 + (not np.isnan(explorer.paths["A"].crossing))  # start, slider, crossing, end
     assert len(fig.axes) == 2 * 2 + images  # probs + logits per model, then the images
+    matplotlib.pyplot.close(fig)
+
+
+def test_static_figure_without_widgets():
+    """The computation and the static figure need neither ipywidgets nor plotly."""
+    torch.manual_seed(0)
+    model = build_model("tiny", 10, 3).eval()
+    ds = synthetic_dataset(2, split="test")
+    x, y = ds.x[:1].float() / 255, ds.y[:1]
+    u, t_max, _ = path_direction("random", model, x, y, norm="Linf", eps=8 / 255,
+                                 max_eps=32 / 255, seed=1)
+    margin = float(estimate_margin(model, x, y, norm="Linf", max_eps=32 / 255, steps=2)[0])
+    path = path_data(model, x, y, u, torch.linspace(0, t_max, 11), margin=margin)
+    assert path.logits.shape == (11, 10) and path.margin == margin
+    fig = margin_path_figure({"A": path}, {"A": model}, x, u, label=int(y), classes=ds.classes,
+                             norm="Linf", eps=8 / 255, max_eps=32 / 255, t_max=t_max,
+                             title="random walk")
+    images = 3 + (not np.isnan(path.crossing))
+    assert len(fig.axes) == 2 + images
     matplotlib.pyplot.close(fig)
 
 

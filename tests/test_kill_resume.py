@@ -29,8 +29,9 @@ from mixlab import fileio
 from mixlab.cli import main
 from mixlab.fileio import RunLock, RunLockedError
 from mixlab.methods import get_method
-from mixlab.train import (CheckpointError, NonFiniteLossError, load_checkpoint, load_run,
-                          nonfinite_entries, train, train_or_load)
+from mixlab.runs import (CheckpointError, load_checkpoint, load_run, nonfinite_entries,
+                         train_or_load)
+from mixlab.train import NonFiniteLossError, train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
 

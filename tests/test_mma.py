@@ -12,7 +12,9 @@ from mixlab.margins import estimate_margin, run_margins
 from mixlab.methods import AttackSpec, get_method
 from mixlab.methods.mma import MMA, PRESETS, THREATS, anpgd, mma_loss
 from mixlab.models import build_model
-from mixlab.train import load_checkpoint, resolve_config, train
+from mixlab.config import resolve_config
+from mixlab.runs import load_checkpoint
+from mixlab.train import train
 
 DUAL = {"Linf": 1, "L2": 2}  # the dual norm's order: distance to a hyperplane = |g| / ||w||_dual
 

@@ -1,9 +1,11 @@
 """Every notebook runs end to end with papermill in the smoke profile, on real data, training
 afresh (runs go to a temporary MIXLAB_RUNS, figures to a temporary MIXLAB_FIGURES: a test
-never rewrites the committed figures), and its final cell of checks passes. Its
-parameters are checked by ``mixlab.nbtools.check_params`` before anything runs: a wrong
-profile or a parameter of the wrong type stops the notebook at once. nbval checks the
-quickstart notebook the way `pytest --nbval-lax` users would."""
+never rewrites the committed figures), and its final cell of checks passes; a notebook that
+runs more than once (``mixlab.notebooks.JOBS``: MMA on CIFAR-10 and on MNIST) runs as each of
+its jobs. Its parameters are checked by ``mixlab.nbtools.check_params`` before anything runs:
+a wrong profile or a parameter of the wrong type stops the notebook at once. nbval checks the
+quickstart notebook the way `pytest --nbval-lax` users would. That each .ipynb matches its
+jupytext script is tests/test_notebook_pairs.py's business."""
 import ast
 import functools
 import os
@@ -14,11 +16,15 @@ import nbformat
 import pytest
 
 from mixlab import nbtools
-from mixlab.notebooks import run_notebook
+from mixlab.config import PROFILES
+from mixlab.notebooks import JOBS, run_notebook
 
 from .conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+#: (job name, notebook, parameters): each execution `python -m mixlab.notebooks` makes
+RUNS = [(name, path, params) for path in NOTEBOOKS
+        for name, params in JOBS.get(path.stem, {path.stem: {}}).items()]
 
 
 def _require_real_data(data_root):
@@ -32,21 +38,22 @@ def _stdout(cell) -> str:
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_in_smoke_profile(path, tmp_path, monkeypatch, data_root):
+@pytest.mark.parametrize("name, path, params", RUNS, ids=[name for name, *_ in RUNS])
+def test_notebook_runs_in_smoke_profile(name, path, params, tmp_path, monkeypatch, data_root):
     _require_real_data(data_root)
     monkeypatch.setenv("MIXLAB_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("MIXLAB_DATA", str(data_root))
     monkeypatch.setenv("MIXLAB_FIGURES", str(tmp_path / "figures"))  # not the committed ones
-    out = run_notebook(path, profile="smoke", out_dir=tmp_path)
+    out = run_notebook(path, profile="smoke", out_dir=tmp_path, name=name, parameters=params)
+    assert out.name == f"{name}.ipynb"
     nb = nbformat.read(out, as_version=4)
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    assert "all checks passed" in _stdout(last), f"{path.name}: the checks cell did not finish"
+    assert "all checks passed" in _stdout(last), f"{name}: the checks cell did not finish"
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("parameters, message", [
-    ({"profile": "tiny"}, "profile='tiny': 'tiny' is not one of ['smoke', 'short', 'paper']"),
+    ({"profile": "tiny"}, f"profile='tiny': 'tiny' is not one of {list(PROFILES)}"),
     ({"epochs": "abc"}, "parameter epochs='abc' must be a whole number"),
 ], ids=["profile", "epochs"])
 def test_bad_parameters_stop_the_notebook_at_once(parameters, message, tmp_path, monkeypatch):
@@ -98,13 +105,32 @@ def test_notebook_structure(path):
             f"{path.name}: outputs must be stripped"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_check_params_rebinds_every_parameter_in_order(path):
+    """`a, b = nbtools.check_params(a=a, b=b).values()`: every parameter is rebound to its
+    checked value (papermill's `-p quiet true` arrives as the text 'true', a dict as JSON
+    text), each to its own name (the targets in the order of the keywords)."""
+    nb = nbformat.read(path, as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    i = next(i for i, c in enumerate(code_cells) if "parameters" in c.metadata.get("tags", []))
+    source = "\n".join(line for line in code_cells[i + 1].source.splitlines()
+                       if not line.startswith("%"))
+    assign = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)
+                  and "check_params" in ast.unparse(n.value))
+    assert isinstance(assign.value, ast.Call) and assign.value.func.attr == "values"
+    call = assign.value.func.value
+    targets = [t.id for t in assign.targets[0].elts]
+    assert targets == [k.arg for k in call.keywords], path.name
+    assert all(ast.unparse(k.value) == k.arg for k in call.keywords), path.name
+
+
 def test_check_params_normalises_and_rejects():
     p = nbtools.check_params(profile="short", seed=3.0, methods="pgd_at, gairat", alphas="0.2,1",
                              eps=None, epochs=None, lams=[-1, 0])
     assert p == dict(profile="short", seed=3, methods=["pgd_at", "gairat"], alphas=[0.2, 1.0],
                      eps=None, epochs=None, lams=[-1.0, 0.0])
     assert isinstance(p["seed"], int)
-    bad = [(dict(profile="tiny"), ValueError, "not one of ['smoke', 'short', 'paper']"),
+    bad = [(dict(profile="tiny"), ValueError, f"not one of {list(PROFILES)}"),
            (dict(profile=None), TypeError, "profile=None"),
            (dict(epochs="abc"), TypeError, "epochs='abc' must be a whole number"),
            (dict(epochs=2.5), TypeError, "whole number"),
@@ -404,3 +430,181 @@ def test_cached_arrays_reuse_and_distrust(tmp_path, capsys):
         path.write_bytes(b"not an npz")
     nbtools.cached(tmp_path, "probe", {"eps": 0.5}, compute)
     assert len(calls) == 3 and "ignoring unreadable cache" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- profiles, quiet
+def test_every_profile_of_the_engine_passes_the_parameter_checks():
+    """The notebooks accept exactly the profiles mixlab.config.PROFILES defines (a new one,
+    such as cpu, needs no change here) and nothing else."""
+    for profile in PROFILES:
+        assert nbtools.check_params(profile=profile) == {"profile": profile}
+    with pytest.raises(ValueError, match="'huge' is not one of"):
+        nbtools.check_params(profile="huge")
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("true", True),
+                                             ("False", False), (" TRUE ", True), ("0", False),
+                                             (1, True), (0, False)])
+def test_quiet_parameter_reads_true_and_false(value, expected):
+    assert nbtools.check_param("quiet", value) is expected
+    assert nbtools.param_type("quiet") == "bool"
+
+
+@pytest.mark.parametrize("value", ["yes please", 2, 0.5, None, []])
+def test_quiet_parameter_rejects_anything_else(value):
+    with pytest.raises(TypeError, match="quiet"):
+        nbtools.check_param("quiet", value)
+
+
+def _code(path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def _markdown(path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_are_thin(path):
+    """A notebook reads its per-profile settings from mixlab.notebook_settings (its own
+    entry) and defines none itself; it passes its `quiet` parameter to training instead of
+    a hard-coded value; it defines no model; its text points at docs/, not elsewhere."""
+    from mixlab.notebook_settings import NOTEBOOK_SETTINGS
+
+    code = _code(path)
+    assert f'notebook_settings("{path.stem}", profile)' in code and path.stem in NOTEBOOK_SETTINGS
+    for profile in PROFILES:  # a per-profile table or branch belongs in notebook_settings
+        assert f'"{profile}":' not in code and f'"{profile}" if' not in code, profile
+    assert 'profile == "' not in code and 'profile != "' not in code
+    assert "quiet=True" not in code and "quiet=quiet" in code
+    tree = ast.parse("\n".join(line for line in code.splitlines()
+                               if not line.lstrip().startswith("%")))
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)], "a class in a notebook"
+    text = _markdown(path)
+    assert "papers.md" not in text and "shared/" not in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_training_call_gets_the_quiet_parameter(path):
+    """Every train_or_load call passes quiet=quiet, directly or through the config dicts it
+    unpacks (MMA's), so `-p quiet true` silences every progress bar."""
+    tree = ast.parse("\n".join(line for line in _code(path).splitlines()
+                               if not line.lstrip().startswith("%")))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", getattr(n.func, "id", None)) == "train_or_load"]
+    assert calls, f"{path.name} trains nothing"
+    quiet_dicts = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   for t in n.targets if isinstance(t, ast.Name)
+                   and "quiet=quiet" in ast.unparse(n.value)}
+    for call in calls:
+        keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+        unpacked = {v for k, v in keywords.items() if k is None}
+        assert keywords.get("quiet") == "quiet" or unpacked & (quiet_dicts | {"config"}), \
+            f"{path.name}: {ast.unparse(call)[:80]} does not pass quiet=quiet"
+
+
+# ----------------------------------------------------------------------------- jobs
+def test_notebook_jobs_run_mma_for_both_datasets(monkeypatch, capsys):
+    """`--only mma` runs the MMA notebook twice, as mma_cifar10 and mma_mnist with their
+    dataset; `--only mma_mnist` once; `-p dataset=mnist` overrides the jobs' datasets and
+    runs MMA once, named after the job it matches (or after the notebook)."""
+    import mixlab.notebooks as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "run_notebook", lambda path, **kw: calls.append((path.name, kw)))
+    monkeypatch.chdir(REPO)
+
+    def ran(*argv):
+        calls.clear()
+        assert runner.main(list(argv)) == 0
+        return [(p, kw["name"], kw["parameters"]) for p, kw in calls]
+
+    assert ran("--only", "mma", "-p", "quiet=true") == [
+        ("mma.ipynb", "mma_cifar10", {"dataset": "cifar10", "quiet": True}),
+        ("mma.ipynb", "mma_mnist", {"dataset": "mnist", "quiet": True})]
+    assert "mma_cifar10.ipynb" in capsys.readouterr().out
+    assert [name for _, name, _ in ran("--only", "mma_mnist", "quickstart")] == \
+        ["mma_mnist", "quickstart"]
+    assert ran("--only", "mma", "--param=dataset=mnist") == \
+        [("mma.ipynb", "mma_mnist", {"dataset": "mnist"})]
+    assert ran("--only", "mma", "quickstart", "-p", "dataset=svhn") == [
+        ("mma.ipynb", "mma", {"dataset": "svhn"}),
+        ("quickstart.ipynb", "quickstart", {"dataset": "svhn"})]
+    assert {job.name for job in runner.notebook_jobs()} == \
+        {p.stem for p in NOTEBOOKS if p.stem not in JOBS} | {n for j in JOBS.values() for n in j}
+
+
+# ----------------------------------------------------------------------------- helpers
+def test_describe_runs_and_train_speed(tmp_path):
+    run = _tiny_run(tmp_path / "run", epochs=2)
+    speeds = [h["img_per_s"] for h in run.history]
+    assert nbtools.train_speed(run) == pytest.approx(sum(speeds) / len(speeds))
+    lines = nbtools.describe_runs({"a": run, "b": run}).splitlines()
+    assert len(lines) == 3 and lines[0].split()[:3] == ["run", "method", "model"]
+    last = run.history[-1]
+    assert lines[1].split()[:4] == ["a", "erm", "tiny", "2"]
+    assert f"{last['train_loss']:.3f}" in lines[1] and lines[1].endswith(f"epoch {run.epoch}")
+
+
+def test_evaluate_runs_and_table_rows(tmp_path):
+    import torch
+
+    run = _tiny_run(tmp_path / "run")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    by_run = nbtools.evaluate_runs({"erm": run}, x, y, attacks=("clean", "fgsm"), eps=8 / 255)
+    assert list(by_run) == ["erm"] and by_run["erm"].keys() == \
+        nbtools.evaluate_checkpoints("erm", run, x, y, attacks=("clean", "fgsm"),
+                                     eps=8 / 255).keys()
+    paper = {"paper: erm": {"clean": 0.9, "source": "somewhere"}}
+    rows = nbtools.table_rows(by_run, paper)
+    assert list(rows) == [*by_run["erm"], "paper: erm"] and rows["paper: erm"] is paper["paper: erm"]
+    assert nbtools.aa_used({"paper": {"clean": 1.0}}) is None
+    assert nbtools.aa_used({"p": {"clean": 1.0}, "r": {"aa_attacks": ["apgd-ce"]}}) == ["apgd-ce"]
+    with pytest.raises(ValueError, match="given twice"):
+        nbtools.table_rows(by_run, {next(iter(by_run["erm"])): {}})
+    with pytest.raises(TypeError, match="no setting"):
+        nbtools.evaluate_runs({"erm": run}, x, y, epsilon=0.1)
+
+
+def test_budgets_come_from_the_method_and_the_resolved_config():
+    from mixlab.methods import get_method
+    from mixlab.train import resolve_config
+
+    for profile in ("smoke", "short", "paper"):
+        budget = nbtools.method_budget("gairat", profile)
+        own = get_method("gairat").profiles.get(profile, {})
+        assert budget and all(own[k] == v for k, v in budget.items())
+        assert "method" not in budget and "begin_epoch" not in budget
+    cfg = resolve_config(method="mma", profile="smoke")
+    shared = nbtools.shared_budget(cfg)
+    assert list(shared) == list(nbtools.BUDGET_KEYS) and shared["model"] == cfg["model"]
+    again = resolve_config(method="erm", profile="smoke", **shared)
+    assert nbtools.shared_budget(again) == shared  # the budget reaches the baseline whole
+
+
+def test_load_run_says_what_it_loads(tmp_path, capsys):
+    run = _tiny_run(tmp_path / "run", epochs=1)
+    capsys.readouterr()
+    loaded = nbtools.load_run(run.path, which="last")
+    assert capsys.readouterr().out == f"loading run {run.path}\n" and loaded.epoch == 1
+
+
+def test_toy_helpers_and_first_present(tmp_path, monkeypatch):
+    moons = nbtools.toy_data("moons", 20, d=5, noise=0.1, seed=0)
+    gauss = nbtools.toy_data("gaussian", 20, d=5, noise=0.1, seed=0)
+    assert moons.x.shape == (20, 2) and gauss.x.shape == (20, 5)
+    assert nbtools.toy_model("mlp", 5, width=8, seed=0)(gauss.x).shape == (20,)
+    assert nbtools.toy_model("logistic", 5, width=8, seed=0)(gauss.x).shape == (20,)
+    with pytest.raises(ValueError, match="'moons' or 'gaussian'"):
+        nbtools.toy_data("spirals", 20, d=2, noise=0.1, seed=0)
+    with pytest.raises(ValueError, match="'logistic' or 'mlp'"):
+        nbtools.toy_model("cnn", 2, width=8, seed=0)
+    monkeypatch.setenv("MIXLAB_DATA", str(tmp_path))   # no data at all: the last one
+    assert nbtools.first_present(["svhn", "cifar10"]) == "cifar10"
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)   # torchvision's MNIST layout
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            (tmp_path / "MNIST" / "raw" / f"{split}-{kind}-ubyte").write_bytes(b"")
+    assert nbtools.first_present(["svhn", "mnist", "cifar10"]) == "mnist"

@@ -34,7 +34,7 @@ SKIP = {
                  "that notebook and .ci/run runs `make test`",
     "make test": "runs the whole test suite, this file included; .ci/run runs it",
     "jupyter lab": "starts an interactive server; tests/test_browser.py drives JupyterLab",
-    "mixlab download": "needs the internet; the development machines have none",
+    "mixlab download": "needs the internet, which the test machines may not have",
     "mixlab.notebooks": "executes every notebook (several minutes on a CPU); "
                         "tests/test_notebooks.py runs each one",
 }
@@ -138,13 +138,13 @@ def test_readme_command_runs(command, scratch):
         pytest.skip(reason)
     project, env = scratch
     if "../shared/" in command and not (project.parent / "shared").is_dir():
-        pytest.skip("no ../shared beside the checkout (the offline copies exist on the "
-                    "development machines only)")
+        pytest.skip("no ../shared beside the checkout: the command reads offline dataset "
+                    "copies from there")
     out = run(command, project, env)
     if "--dry-run" in command:
         assert "gairat" in out  # the resolved config
     if "mixlab.bench --quick" in command and not torch.cuda.is_available():
-        assert "n/a on CPU (GPU target)" in out and "NOT met" not in out  # judges no GPU target
+        assert "CPU" in out and "goal" not in out  # measurements and ratios, no verdicts
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import torch
 
 from mixlab import runtime
 from mixlab.config import load_config, resolve_config
+from mixlab.extras import MissingExtraError
 from mixlab.runtime import configure_threads, estimate_cpu_seconds, threads_reason
 from mixlab.train import train
 
@@ -106,7 +107,7 @@ def test_tensorboard_needs_a_run_dir():
 
 def test_tensorboard_missing_package_is_one_error_before_any_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails
-    with pytest.raises(RuntimeError, match=r"pip install mixlab\[tensorboard\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'mixlab\[tensorboard\]'"):
         train(run_dir=str(tmp_path / "run"), tensorboard=True, **TINY)
     assert not (tmp_path / "run").exists()
 
@@ -157,3 +158,26 @@ def test_mma_estimate_counts_its_bisection_probes_not_the_pgd_steps():
     assert runtime.forward_equivalents(resolve_config(**base, steps=20)) == 57
     assert runtime.forward_equivalents(
         resolve_config(**base, method_hp={"search_steps": 5})) == 32
+
+
+# ----------------------------------------------------------------------------- device, checkout
+def test_pick_device(monkeypatch):
+    from mixlab.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu") == pick_device("cpu")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        pick_device("cuda:0")
+    with pytest.raises(ValueError):
+        pick_device("gpu")
+
+
+def test_project_dir(tmp_path):
+    from mixlab.runtime import project_dir
+
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    assert project_dir(tmp_path / "notebooks") == tmp_path.resolve()
+    assert project_dir(tmp_path / "notebooks" / "deeper") == tmp_path.resolve()
+    outside = tmp_path.parent
+    assert project_dir(outside) == outside.resolve()

@@ -1,5 +1,6 @@
 """Tests of mixlab.theory: the exact mixup loss, its second-order approximation (Zhang et al.,
-ICLR 2021, arXiv 2010.04819, as stated in papers.md) and the logistic-regression robustness bound.
+ICLR 2021, arXiv 2010.04819, as docs/mixup_theory.md states it) and the logistic-regression
+robustness bound.
 Tiny float64 problems on CPU; the whole file runs in a few seconds."""
 import math
 

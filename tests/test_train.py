@@ -6,8 +6,9 @@ import torch
 
 from mixlab import load_run
 from mixlab.methods import METHODS, get_method
-from mixlab.train import (CheckpointError, NonFiniteLossError, lr_at, resolve_config, train,
-                          train_or_load)
+from mixlab.config import resolve_config
+from mixlab.runs import CheckpointError, train_or_load
+from mixlab.train import NonFiniteLossError, lr_at, train
 
 # tiny synthetic task on CPU: a few seconds per run
 TINY = dict(dataset="synthetic", model="tiny", epochs=3, batch_size=64, train_subset=512,
@@ -124,7 +125,7 @@ def test_nonfinite_loss_stops_and_saves(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(dataset="imagenet"), "dataset='imagenet' is not one of"),
-    (dict(method="trades"), "unknown method"),
+    (dict(method="no_such_method"), "unknown method"),
     (dict(eps=8.0), "pixel space"),
     (dict(profile="huge"), "profile='huge' is not one of"),
     (dict(gamma=3), "unknown setting"),
@@ -137,7 +138,9 @@ def test_bad_settings_get_one_clear_error(bad, match):
 def test_config_resolution_order_and_dataset_threat_model():
     cfg = resolve_config(profile="smoke", method="pgd_at", dataset="mnist", lr=0.3)
     assert cfg["model"] == "tiny" and cfg["lr"] == 0.3
-    assert cfg["eps"] == pytest.approx(0.3) and cfg["method_hp"] == {}
+    # the threat model is an engine setting; method_hp holds only the method's own table
+    assert cfg["eps"] == pytest.approx(0.3)
+    assert cfg["method_hp"] == get_method("pgd_at").defaults
     assert cfg["step_size"] == pytest.approx(0.075)
     cfg = resolve_config(method="pgd_at", steps=7, norm="L2")
     assert cfg["steps"] == 7 and cfg["eps"] == pytest.approx(0.5)

@@ -6,6 +6,7 @@ from . import mma  # noqa: F401
 from . import amp  # noqa: F401
 from . import fat  # noqa: F401
 from . import gairat  # noqa: F401
+from . import trades  # noqa: F401
 
 
 def get_method(name: str) -> type[Method]:

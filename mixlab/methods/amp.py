@@ -1,11 +1,12 @@
 """AMP: adversarially optimized mixup. Bunk, Chattopadhyay, Manjunath, Chandrasekaran,
 "Adversarially Optimized Mixup for Robust Classification", 2021 (arXiv 2103.11589).
 
-**A stated reconstruction.** The paper has no public code and only its abstract is available.
-The abstract fixes the idea: PGD probes the space *between* training points by backpropagating
+**A stated reconstruction.** The paper has no public code, and its abstract is all that fixes
+the method. The abstract gives the idea: PGD probes the space *between* training points by backpropagating
 *through the mixup interpolation*, looking for where predictions are unsmooth and incongruous;
 two optional modifications are optimizing the mixup ratio and geometric label assignment.
-Every other choice below is mixlab's (papers.md, AMP section), and each variant is a flag:
+Every other choice below is mixlab's (docs/amp.md#choices-beyond-the-abstract), and each
+variant is a flag:
 
 * pairs by a batch permutation, λ ~ Beta(α, α) with α = ``alpha`` = 1, one λ per example;
 * base: perturb both endpoints, x̃_a = clip01(x_a + δ_a), x̃_b = clip01(x_b + δ_b),
@@ -48,19 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, random_init
-from .base import Method, register, soft_cross_entropy
-from .mixup import sample_lam
-
-
-def mix(x_a: torch.Tensor, x_b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """λ·x_a + (1 − λ)·x_b per example; works for images (B, C, H, W) and soft labels (B, K)."""
-    lam = lam.reshape(-1, *([1] * (x_a.dim() - 1))).to(x_a.dtype)
-    return lam * x_a + (1 - lam) * x_b
-
-
-def soft_ce_per_example(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft labels, per example (B,), in fp32."""
-    return -(target * torch.log_softmax(logits.float(), dim=1)).sum(1)
+from .base import Method, mix, register, sample_lam, soft_cross_entropy
 
 
 def geo_weight(x_mix: torch.Tensor, x_a: torch.Tensor, x_b: torch.Tensor,
@@ -119,7 +108,7 @@ def amp_perturb(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor,
                 lam.requires_grad_(True)
                 variables.append(lam)
             x_mix = mix(x_a + delta_a, x_b + delta_b, lam)
-            loss = soft_ce_per_example(model(x_mix), mix(y_a, y_b, lam)).sum()
+            loss = soft_cross_entropy(model(x_mix), mix(y_a, y_b, lam), reduction="none").sum()
             grads = torch.autograd.grad(loss, variables)
             with torch.no_grad():
                 delta_a = project(ascent_step(delta_a.detach(), grads[0], step_size, norm),

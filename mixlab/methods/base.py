@@ -149,6 +149,37 @@ class Method:
         pass
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft labels ``target`` (B, K) that sum to 1, batch mean, fp32."""
-    return -(target * torch.log_softmax(logits.float(), dim=1)).sum(1).mean()
+# ----------------------------------------------------------------------------- shared by methods
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *,
+                       reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against soft labels ``target`` (B, K) that sum to 1, in fp32: the batch
+    mean (``reduction="mean"``), or per example, shape (B,) (``reduction="none"``)."""
+    per_example = -(target * torch.log_softmax(logits.float(), dim=1)).sum(1)
+    if reduction == "none":
+        return per_example
+    if reduction != "mean":
+        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'none'")
+    return per_example.mean()
+
+
+def sample_lam(alpha: float, n: int, device: torch.device) -> torch.Tensor:
+    """n draws from Beta(alpha, alpha) on ``device``, float32 (n,); alpha > 0 (the Beta
+    concentration). The mixing weights of mixup (Zhang et al. 2018, arXiv 1710.09412) and of
+    every method that mixes."""
+    if not alpha > 0:
+        raise ValueError(f"mixup alpha={alpha!r} must be > 0 (Beta(alpha, alpha)); "
+                         f"for no mixing train with method='erm'")
+    # Beta(α, α) = G_1 / (G_1 + G_2) with G_i ~ Gamma(α), drawn in log space: at small α the
+    # gamma draws underflow to 0 (torch's own Beta then returns exactly 0.5 for about a quarter
+    # of the draws at α = 1e-3). log G(α) = log G(α + 1) + log(U) / α (Marsaglia & Tsang).
+    # validate_args=False: argument validation calls .all(), a host sync on CUDA
+    shape = torch.full((2, n), float(alpha) + 1.0, device=device, dtype=torch.float64)
+    log_g = (torch.distributions.Gamma(shape, 1.0, validate_args=False).sample().log()
+             + torch.rand(2, n, device=device, dtype=torch.float64).log() / float(alpha))
+    return torch.sigmoid(log_g[0] - log_g[1]).float()
+
+
+def mix(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """λ·a + (1 − λ)·b per example, lam (B,): images (B, C, H, W) or soft labels (B, K)."""
+    lam = lam.reshape(-1, *([1] * (a.dim() - 1))).to(a.dtype)
+    return lam * a + (1 - lam) * b

@@ -86,7 +86,8 @@ def lam_at(epoch: int, *, epochs: int, lam: float, begin_epoch: int,
     * piecewise: λ drops with the later learning-rate steps: ``lam``, then lam − 1 from 75%
       and lam − 1.5 from 11/12 of training (≥ 110 epochs, WRN), or lam − 2 from 60%
       (ResNet). **choice**: the official branches are written after ``if epoch >= 60`` in one
-      if/elif chain and never run (there piecewise equals fixed); we run what they say.
+      if/elif chain and never run (there piecewise equals fixed); mixlab runs what they say
+      (docs/gairat.md#where-the-official-code-differs-and-what-mixlab-does).
     """
     if schedule not in LAM_SCHEDULES:
         raise ValueError(f"unknown lam_schedule {schedule!r}; choose one of {LAM_SCHEDULES}")
@@ -216,9 +217,12 @@ class GAIRFAT(GAIRAT):
     """GAIR-FAT: GAIR weights (λ = 0) on FAT's early-stopped PGD points, with the official
     GAIR_FAT.py dynamic τ (0, then 3 from 1/3, then 6 from 7/12 of training) and no noise.
 
-    One departure: after burn-in GAIR_FAT.py scores the early-stopped points, which its
-    GA_earlystop returns reordered (stopped examples first), against the labels in the
-    original order; here every point keeps its own label."""
+    Two departures from the official code, both label alignments: its GA_earlystop compares
+    the predictions of the shrinking set of running examples with the full batch's labels,
+    position by position; and after burn-in GAIR_FAT.py scores the early-stopped points,
+    which GA_earlystop returns reordered (stopped examples first), against the labels in the
+    original order. Here every iterate and every point is compared with its own label
+    (docs/gairat.md#where-the-official-code-differs-and-what-mixlab-does)."""
     name = "gair_fat"
     defaults = {
         "tau": (0, 3, 6),                         # τ per stage (GAIR_FAT.py's dynamic τ)

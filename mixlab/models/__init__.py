@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..data.sources import CIFAR10_MEAN, CIFAR10_STD
 from .preact_resnet import PreActResNet, PreActResNet18
 from .small_nets import LeNet5Madry, SmallCNN, Tiny
 from .wide_resnet import WideResNet, blocks_per_stage
@@ -45,13 +46,8 @@ __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "PreActResNet", "PreActResNet18", "WideResNet", "SmallCNN",
     "LeNet5Madry", "Tiny", "register_model", "unregister_model", "registered_models", "CustomModel",
     "check_model_output", "custom_model_name", "CUSTOM_PREFIX",
+    "load_robustbench", "export_robustbench",
 ]
-
-# Per-channel statistics of the CIFAR-10 training set, pixels in [0, 1]
-# (the values used by locuslab/fast_adversarial).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel; the first layer of every mixlab model.
@@ -335,3 +331,7 @@ def check_model_output(model: nn.Module, x: torch.Tensor, num_classes: int, *,
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"{name} returned NaN/inf logits on a training batch of shape "
                          f"{tuple(x.shape)}; check its initialisation and normalisation")
+
+
+# RobustBench checkpoints in and out; imported last because it builds on Normalize above
+from .robustbench import export_robustbench, load_robustbench  # noqa: E402

@@ -1,0 +1,152 @@
+"""Per-profile analysis settings of every notebook, in one table.
+
+A notebook's run has two kinds of per-profile settings. The engine's (model, epochs, data
+subset, PGD steps) live in :data:`mixlab.config.PROFILES` and the methods' ``profiles``; they
+reach ``train`` through ``profile=``. What the notebook itself does with the trained runs
+(how many test images it evaluates, which AutoAttack stages it runs, how many interpolation
+pairs it draws, how strict its final checks are) lives here, one entry per notebook and
+profile, and a notebook reads its entry with one call:
+
+>>> s = notebook_settings("amp_cifar10", "smoke")
+>>> s["n_eval"], s["aa_attacks"]
+(64, ['apgd-ce', 'apgd-t'])
+
+Profiles: ``smoke`` (CI on a CPU, a minute or two: the code path, not the papers' numbers),
+``cpu`` (a laptop's two cores, about a quarter of an hour per notebook), ``short`` (a GPU,
+minutes), ``paper`` (the papers' scale). The ``cpu`` entries start as copies of the ``smoke``
+ones. Every key is explained in :data:`SETTING_HELP`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+#: AutoAttack on a CPU: its two APGD stages (FAB-T and Square cost ~40 s per model there)
+_APGD = ["apgd-ce", "apgd-t"]
+#: masking flags that measure a barely trained model on a handful of images (CW-20, FGSM or
+#: AutoAttack far from PGD-20): they pass where ``trained`` is False, never elsewhere
+_GAP_FLAGS = ["below PGD-20", "stronger than PGD-20"]
+
+#: what each key of a notebook's settings means (units in brackets)
+SETTING_HELP: dict[str, str] = {
+    "n_eval": "test images of the table [images]; every attack runs on the same ones",
+    "aa_attacks": "AutoAttack attacks; None: the standard version (APGD-CE, APGD-T, FAB-T, "
+                  "Square)",
+    "trained": "the models are trained for real: the checks demand above-chance clean "
+               "accuracy, robustness and the papers' qualitative orderings",
+    "tolerated_flags": "substrings of masking flags (mixlab.evaluate.masking_report) the "
+                       "checks let pass; an attack above clean accuracy, a rising robust-"
+                       "accuracy curve and AutoAttack's own checks never pass",
+    "n_pairs": "interpolation pairs of test images [pairs]",
+    "path_steps": "PGD steps of the worst case at each point of an interpolation path",
+    "n_probe": "training images whose geometry value κ is probed with the final model",
+    "margin_steps": "PGD steps of the test-margin estimate (then a 10-step bisection)",
+    "eps_fractions": "radii of the robust-accuracy curve, as fractions of the threat "
+                     "model's eps",
+    "curve_attack": "attack of the robust-accuracy curve (mixlab.evaluate ATTACKS)",
+    "max_eps_factor": "how far explorer paths go and the margin search range, in multiples "
+                      "of the threat model's eps",
+    "n": "training points of the toy problems of sections 1-2",
+    "noise": "noise of the two-moons data [input units]",
+    "steps": "full-batch optimiser steps of the toy models",
+    "snaps": "snapshots logged along toy training (geometric in the step)",
+    "order": "Gauss-Jacobi quadrature points of the exact mixup loss",
+    "width": "hidden units of the toy MLPs",
+    "lr": "learning rate of the toy models",
+    "alpha_grid": "α values of the approximation-ratio sweep",
+    "gap_n": "training points of the noisy two-moons generalisation study",
+    "gap_steps": "optimiser steps of the generalisation study",
+    "gauss_n": "training points of the Gaussian mixture of section 3",
+    "gauss_d": "dimension of the Gaussian mixture",
+    "real_subset": "MNIST training images of the gap study and of the MNIST robustness runs",
+    "robust_datasets": "section 4's dataset when datasets['robust'] is 'auto': the first one "
+                       "whose data is present",
+    "robust_model": "section 4's architecture on a dataset other than MNIST (MNIST: "
+                    "smallcnn)",
+}
+
+#: notebook -> profile -> settings. Literal values, so a profile reads the way it runs.
+NOTEBOOK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "quickstart": {
+        "smoke": dict(n_eval=64, aa_attacks=_APGD, trained=False, tolerated_flags=_GAP_FLAGS),
+        "cpu": dict(n_eval=64, aa_attacks=_APGD, trained=False, tolerated_flags=_GAP_FLAGS),
+        "short": dict(n_eval=1000, aa_attacks=None, trained=True, tolerated_flags=[]),
+        "paper": dict(n_eval=10000, aa_attacks=None, trained=True, tolerated_flags=[]),
+    },
+    "amp_cifar10": {
+        "smoke": dict(n_eval=64, aa_attacks=_APGD, n_pairs=4, path_steps=5, trained=False,
+                      tolerated_flags=_GAP_FLAGS),
+        "cpu": dict(n_eval=64, aa_attacks=_APGD, n_pairs=4, path_steps=5, trained=False,
+                    tolerated_flags=_GAP_FLAGS),
+        "short": dict(n_eval=1000, aa_attacks=None, n_pairs=6, path_steps=10, trained=True,
+                      tolerated_flags=[]),
+        "paper": dict(n_eval=10000, aa_attacks=None, n_pairs=6, path_steps=20, trained=True,
+                      tolerated_flags=[]),
+    },
+    "gairat_cifar10": {
+        "smoke": dict(n_eval=64, aa_attacks=_APGD, n_probe=512, trained=False,
+                      tolerated_flags=_GAP_FLAGS),
+        "cpu": dict(n_eval=64, aa_attacks=_APGD, n_probe=512, trained=False,
+                    tolerated_flags=_GAP_FLAGS),
+        "short": dict(n_eval=1000, aa_attacks=None, n_probe=5000, trained=True,
+                      tolerated_flags=[]),
+        "paper": dict(n_eval=10000, aa_attacks=None, n_probe=10000, trained=True,
+                      tolerated_flags=[]),
+    },
+    "mma": {
+        "smoke": dict(n_eval=64, aa_attacks=_APGD, margin_steps=10,
+                      eps_fractions=[0, 0.5, 1, 1.5, 2], curve_attack="pgd10", trained=False,
+                      tolerated_flags=_GAP_FLAGS),
+        "cpu": dict(n_eval=64, aa_attacks=_APGD, margin_steps=10,
+                    eps_fractions=[0, 0.5, 1, 1.5, 2], curve_attack="pgd10", trained=False,
+                    tolerated_flags=_GAP_FLAGS),
+        "short": dict(n_eval=1000, aa_attacks=None, margin_steps=20,
+                      eps_fractions=[0, 0.25, 0.5, 0.75, 1, 1.5, 2], curve_attack="pgd20",
+                      trained=True, tolerated_flags=[]),
+        "paper": dict(n_eval=10000, aa_attacks=None, margin_steps=20,
+                      eps_fractions=[0, 0.25, 0.5, 0.75, 1, 1.5, 2], curve_attack="pgd20",
+                      trained=True, tolerated_flags=[]),
+    },
+    "margin_explorer": {
+        "smoke": dict(max_eps_factor=4),
+        "cpu": dict(max_eps_factor=4),
+        "short": dict(max_eps_factor=4),
+        "paper": dict(max_eps_factor=4),
+    },
+    "mixup_theory": {
+        "smoke": dict(n=64, noise=0.15, steps=300, snaps=7, order=32, width=32, lr=0.05,
+                      alpha_grid=5, gap_n=40, gap_steps=600, gauss_n=100, gauss_d=10,
+                      real_subset=1024, n_eval=128, aa_attacks=_APGD,
+                      robust_datasets=["mnist"], robust_model="tiny",
+                      tolerated_flags=_GAP_FLAGS),
+        "cpu": dict(n=64, noise=0.15, steps=300, snaps=7, order=32, width=32, lr=0.05,
+                    alpha_grid=5, gap_n=40, gap_steps=600, gauss_n=100, gauss_d=10,
+                    real_subset=1024, n_eval=128, aa_attacks=_APGD,
+                    robust_datasets=["mnist"], robust_model="tiny",
+                    tolerated_flags=_GAP_FLAGS),
+        "short": dict(n=200, noise=0.15, steps=2000, snaps=12, order=48, width=64, lr=0.02,
+                      alpha_grid=12, gap_n=60, gap_steps=5000, gauss_n=200, gauss_d=20,
+                      real_subset=2048, n_eval=1000, aa_attacks=None,
+                      robust_datasets=["svhn", "cifar10"], robust_model="preactresnet18",
+                      tolerated_flags=[]),
+        "paper": dict(n=300, noise=0.15, steps=5000, snaps=16, order=64, width=64, lr=0.02,
+                      alpha_grid=16, gap_n=60, gap_steps=10000, gauss_n=400, gauss_d=50,
+                      real_subset=2048, n_eval=10000, aa_attacks=None,
+                      robust_datasets=["svhn", "cifar10"], robust_model="wrn-16-8",
+                      tolerated_flags=[]),
+    },
+}
+
+
+def notebook_settings(notebook: str, profile: str) -> dict[str, Any]:
+    """The settings of ``notebook`` (its file name without ``.ipynb``) in ``profile``, as a
+    new dict (changing it changes nothing here). Raises ValueError naming the notebook or the
+    profile and the choices."""
+    if notebook not in NOTEBOOK_SETTINGS:
+        raise ValueError(f"no notebook settings for {notebook!r}; notebooks: "
+                         f"{', '.join(NOTEBOOK_SETTINGS)} (mixlab.notebook_settings)")
+    by_profile = NOTEBOOK_SETTINGS[notebook]
+    if profile not in by_profile:
+        raise ValueError(f"notebook {notebook!r} has no settings for profile {profile!r}; "
+                         f"profiles: {', '.join(by_profile)} (mixlab.notebook_settings)")
+    return copy.deepcopy(by_profile[profile])
