@@ -359,6 +359,12 @@ def load_config(path: str | Path) -> dict[str, Any]:
     value is refused as a keyword would be; settings added to mixlab after the file was
     written take their defaults. Replay into another folder with
     ``train(**{**load_config(p), "run_dir": "runs/again"})``.
+
+    Values the file holds only because mixlab derived them from other settings come back as
+    None (their "derive it" default), so a replay that changes the setting they derive from
+    derives them again: ``step_size`` (eps/4), MMA's ``d_max`` and ``mineps`` (from dataset
+    and norm). ``{**load_config(p), "eps": 4/255}`` thus trains with step 1/255, not with the
+    file's 2/255. A value that differs from the derived one was chosen, and is kept.
     """
     path = Path(path)
     if path.is_dir():
@@ -376,9 +382,37 @@ def load_config(path: str | Path) -> dict[str, Any]:
                          f"(a JSON object of settings)")
     method_hp = settings.pop("method_hp", None)
     try:
-        return resolve_config(method_hp=method_hp, **settings)
+        cfg = resolve_config(method_hp=method_hp, **settings)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{path}: {err}") from err
+    return _undo_derived(cfg)
+
+
+def _undo_derived(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (resolved) with each value that resolving would derive again set back to None:
+    an engine setting or method hyperparameter whose default is None and whose value equals
+    what :func:`resolve_config` fills in when it is None."""
+    cfg = {**cfg, "method_hp": dict(cfg["method_hp"])}
+    method_defaults = get_method(cfg["method"]).defaults
+
+    def resolved_without(key: str, in_hp: bool) -> Any:
+        settings = {k: v for k, v in cfg.items() if k != "method_hp"}
+        method_hp = dict(cfg["method_hp"])
+        if in_hp:
+            method_hp[key] = None
+            return resolve_config(method_hp=method_hp, **settings)["method_hp"][key]
+        settings[key] = None
+        return resolve_config(method_hp=method_hp, **settings)[key]
+
+    for key, setting in SETTINGS.items():
+        if setting.default is None and cfg.get(key) is not None \
+                and key not in RUN_ONLY_KEYS and resolved_without(key, False) == cfg[key]:
+            cfg[key] = None
+    for key, default in method_defaults.items():
+        if default is None and cfg["method_hp"].get(key) is not None \
+                and resolved_without(key, True) == cfg["method_hp"][key]:
+            cfg["method_hp"][key] = None
+    return cfg
 
 
 def describe_settings() -> str:

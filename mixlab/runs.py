@@ -453,14 +453,26 @@ def train_or_load(*, run_dir: str | Path, which: str = "best",
     Notebooks call this so a second execution reuses finished runs; one printed line says
     which happens (``training <run_dir>``, also when an interrupted run is finished, or
     ``loading finished run <run_dir>``). A directory holding a run with other settings is
-    refused with the difference (``overwrite=True`` replaces it)."""
+    refused with the difference (``overwrite=True`` replaces it).
+
+    Your own model and data work as in ``train``: ``model`` an ``nn.Module`` (the same module
+    comes back, trained, as ``Run.model.net``), ``dataset`` tensors, a torch ``Dataset`` or an
+    image-folder path."""
     # train sits above this module (it writes its run directory through it): imported here
+    from . import data as data_mod
+    from .models import custom_model_name
     from .train import train
 
     run_dir = Path(run_dir)
-    wanted = resolve_config(run_dir=str(run_dir), method_hp=method_hp, **settings)
+    named = dict(settings)  # what config.json records for a module or data object
+    module = settings.get("model") if isinstance(settings.get("model"), torch.nn.Module) else None
+    if module is not None:
+        named["model"] = custom_model_name(module)
+    if settings.get("dataset") is not None and not isinstance(settings["dataset"], str):
+        named["dataset"] = data_mod.custom_dataset_name(settings["dataset"])
+    wanted = resolve_config(run_dir=str(run_dir), method_hp=method_hp, **named)
     done = _is_finished(run_dir, wanted)
     print(f"{'loading finished run' if done else 'training'} {run_dir}", flush=True)
     if not done:
         train(run_dir=str(run_dir), method_hp=method_hp, **settings)
-    return load_run(run_dir, which=which, device=pick_device(wanted["device"]))
+    return load_run(run_dir, which=which, device=pick_device(wanted["device"]), model=module)

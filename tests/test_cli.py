@@ -121,6 +121,9 @@ def test_train_replays_a_config_file_with_overrides(tmp_path, capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["method"], cfg["epochs"], cfg["method_hp"]["alpha"]) == ("mixup", 2, 0.3)
     assert cfg["train_subset"] == 256 and cfg["run_dir"] == str(first)
+    # a step the file holds only because it was eps / 4 follows a new eps
+    assert main(["train", "--config", str(first), "--set", "eps=0.0156862745", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["step_size"] == 0.0156862745 / 4
     assert main(["train", "--config", str(tmp_path / "nope.json"), "--dry-run"]) == 2
     assert "no config file" in capsys.readouterr().err
 

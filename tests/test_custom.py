@@ -176,3 +176,19 @@ def test_errors(tmp_path):
         train(model="no-such-net", dataset=(x, y), eps=EPS, **FAST)
     with pytest.raises(ValueError, match="not one of"):
         train(model="tiny", dataset="no-such-data", **FAST)
+
+
+def test_train_or_load_takes_your_own_module_and_tensors(tmp_path, capsys):
+    from mixlab.runs import train_or_load
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(192, 3, 16, 16, generator=g), torch.randint(0, 4, (192,), generator=g)
+    net = TinyNet()
+    first = train_or_load(run_dir=tmp_path / "run", model=net, dataset=(x, y), eps=EPS,
+                          method="pgd_at", **FAST)
+    assert capsys.readouterr().out.startswith("training ")
+    assert first.model.net is net and first.config["model"] == "custom:TinyNet"
+    again = train_or_load(run_dir=tmp_path / "run", model=TinyNet(), dataset=(x, y), eps=EPS,
+                          method="pgd_at", **FAST)
+    assert capsys.readouterr().out.startswith("loading finished run ")
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                 again.model.state_dict().values()))

@@ -73,11 +73,37 @@ def test_replay_config_gives_bitwise_equal_weights(tmp_path):
     first = tmp_path / "first"
     train(run_dir=str(first), method="mixup", method_hp={"alpha": 0.5}, **TINY)
     cfg = load_config(first / "config.json")
-    assert cfg == json.loads((first / "config.json").read_text())
+    saved = json.loads((first / "config.json").read_text())
+    # the dataset's eps and eps / 4, derived again on replay
+    assert cfg == {**saved, "eps": None, "step_size": None}
+    assert resolve_config(**cfg) == saved
     assert load_config(first) == cfg  # the run directory works too
     train(**{**cfg, "run_dir": str(tmp_path / "second")})
     a, b = _weights(first), _weights(tmp_path / "second")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replay_with_another_eps_derives_the_step_again_and_keeps_a_chosen_one(tmp_path):
+    derived = tmp_path / "derived.json"
+    derived.write_text(json.dumps(resolve_config(eps=8 / 255, **TINY)))
+    assert resolve_config(**{**load_config(derived), "eps": 4 / 255})["step_size"] == 1 / 255
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(json.dumps(resolve_config(eps=8 / 255, step_size=0.5 / 255, **TINY)))
+    assert resolve_config(**{**load_config(chosen), "eps": 4 / 255})["step_size"] == 0.5 / 255
+
+
+def test_replay_on_another_dataset_takes_its_mma_radii(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(resolve_config(method="mma", dataset="cifar10",
+                                              **{k: v for k, v in TINY.items()
+                                                 if k != "dataset"})))
+    mnist = resolve_config(**{**load_config(path), "dataset": "mnist", "eps": 0.3})
+    assert (mnist["method_hp"]["d_max"], mnist["method_hp"]["mineps"]) == (0.45, 0.1)
+    kept = resolve_config(method="mma", dataset="cifar10", method_hp={"d_max": 0.2},
+                          **{k: v for k, v in TINY.items() if k != "dataset"})
+    path.write_text(json.dumps(kept))
+    assert resolve_config(**{**load_config(path), "dataset": "mnist",
+                             "eps": 0.3})["method_hp"]["d_max"] == 0.2
 
 
 def test_load_config_errors(tmp_path):
