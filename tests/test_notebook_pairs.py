@@ -10,14 +10,16 @@ import json
 import shutil
 from pathlib import Path
 
-import jupytext
 import nbformat
 import pytest
-from jupytext.cli import jupytext as jupytext_cli
 
-from mixlab.notebooks import KEEP_CELL_METADATA, KEEP_NOTEBOOK_METADATA, strip_notebook
+jupytext = pytest.importorskip(
+    "jupytext", reason="jupytext reads the notebook pairs: pip install -e '.[notebooks]'")
+from jupytext.cli import jupytext as jupytext_cli  # noqa: E402
 
-from .conftest import REPO
+from mixlab.notebooks import KEEP_CELL_METADATA, KEEP_NOTEBOOK_METADATA, strip_notebook  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
 
 FOLDER = REPO / "notebooks"
 NAMES = sorted(p.stem for p in FOLDER.glob("*.ipynb"))
