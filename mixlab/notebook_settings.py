@@ -12,9 +12,10 @@ profile, and a notebook reads its entry with one call:
 (64, ['apgd-ce', 'apgd-t'])
 
 Profiles: ``smoke`` (CI on a CPU, a minute or two: the code path, not the papers' numbers),
-``cpu`` (a laptop's two cores, about a quarter of an hour per notebook), ``short`` (a GPU,
-minutes), ``paper`` (the papers' scale). The ``cpu`` entries start as copies of the ``smoke``
-ones. Every key is explained in :data:`SETTING_HELP`.
+``cpu`` (a laptop's two cores, about a quarter of an hour per notebook: models trained for
+real on 10k images, 500 test images, AutoAttack's two APGD stages, the checks strict),
+``short`` (a GPU, minutes), ``paper`` (the papers' scale). Every key is explained in
+:data:`SETTING_HELP`.
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ SETTING_HELP: dict[str, str] = {
     "real_subset": "MNIST training images of the gap study and of the MNIST robustness runs",
     "robust_datasets": "section 4's dataset when datasets['robust'] is 'auto': the first one "
                        "whose data is present",
+    "min_robust": "worst-case accuracy over every attack that an adversarially trained model "
+                  "must reach [fraction]: robust above chance at this scale",
     "robust_model": "section 4's architecture on a dataset other than MNIST (MNIST: "
                     "smallcnn)",
 }
@@ -68,16 +71,20 @@ SETTING_HELP: dict[str, str] = {
 #: notebook -> profile -> settings. Literal values, so a profile reads the way it runs.
 NOTEBOOK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "quickstart": {
-        "smoke": dict(n_eval=64, aa_attacks=_APGD, trained=False, tolerated_flags=_GAP_FLAGS),
-        "cpu": dict(n_eval=64, aa_attacks=_APGD, trained=False, tolerated_flags=_GAP_FLAGS),
-        "short": dict(n_eval=1000, aa_attacks=None, trained=True, tolerated_flags=[]),
-        "paper": dict(n_eval=10000, aa_attacks=None, trained=True, tolerated_flags=[]),
+        "smoke": dict(n_eval=64, aa_attacks=_APGD, trained=False, tolerated_flags=_GAP_FLAGS,
+                      min_robust=None),
+        "cpu": dict(n_eval=500, aa_attacks=_APGD, trained=True, tolerated_flags=[],
+                    min_robust=0.15),
+        "short": dict(n_eval=1000, aa_attacks=None, trained=True, tolerated_flags=[],
+                      min_robust=0.3),
+        "paper": dict(n_eval=10000, aa_attacks=None, trained=True, tolerated_flags=[],
+                      min_robust=0.3),
     },
     "amp_cifar10": {
         "smoke": dict(n_eval=64, aa_attacks=_APGD, n_pairs=4, path_steps=5, trained=False,
                       tolerated_flags=_GAP_FLAGS),
-        "cpu": dict(n_eval=64, aa_attacks=_APGD, n_pairs=4, path_steps=5, trained=False,
-                    tolerated_flags=_GAP_FLAGS),
+        "cpu": dict(n_eval=500, aa_attacks=_APGD, n_pairs=4, path_steps=10, trained=True,
+                    tolerated_flags=[]),
         "short": dict(n_eval=1000, aa_attacks=None, n_pairs=6, path_steps=10, trained=True,
                       tolerated_flags=[]),
         "paper": dict(n_eval=10000, aa_attacks=None, n_pairs=6, path_steps=20, trained=True,
@@ -85,27 +92,27 @@ NOTEBOOK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "gairat_cifar10": {
         "smoke": dict(n_eval=64, aa_attacks=_APGD, n_probe=512, trained=False,
-                      tolerated_flags=_GAP_FLAGS),
-        "cpu": dict(n_eval=64, aa_attacks=_APGD, n_probe=512, trained=False,
-                    tolerated_flags=_GAP_FLAGS),
+                      tolerated_flags=_GAP_FLAGS, min_robust=None),
+        "cpu": dict(n_eval=500, aa_attacks=_APGD, n_probe=2000, trained=True,
+                    tolerated_flags=[], min_robust=0.15),
         "short": dict(n_eval=1000, aa_attacks=None, n_probe=5000, trained=True,
-                      tolerated_flags=[]),
+                      tolerated_flags=[], min_robust=0.25),
         "paper": dict(n_eval=10000, aa_attacks=None, n_probe=10000, trained=True,
-                      tolerated_flags=[]),
+                      tolerated_flags=[], min_robust=0.25),
     },
     "mma": {
         "smoke": dict(n_eval=64, aa_attacks=_APGD, margin_steps=10,
                       eps_fractions=[0, 0.5, 1, 1.5, 2], curve_attack="pgd10", trained=False,
-                      tolerated_flags=_GAP_FLAGS),
-        "cpu": dict(n_eval=64, aa_attacks=_APGD, margin_steps=10,
-                    eps_fractions=[0, 0.5, 1, 1.5, 2], curve_attack="pgd10", trained=False,
-                    tolerated_flags=_GAP_FLAGS),
+                      tolerated_flags=_GAP_FLAGS, min_robust=None),
+        "cpu": dict(n_eval=500, aa_attacks=_APGD, margin_steps=20,
+                    eps_fractions=[0, 0.25, 0.5, 0.75, 1, 1.5], curve_attack="pgd20",
+                    trained=True, tolerated_flags=[], min_robust=0.15),
         "short": dict(n_eval=1000, aa_attacks=None, margin_steps=20,
                       eps_fractions=[0, 0.25, 0.5, 0.75, 1, 1.5, 2], curve_attack="pgd20",
-                      trained=True, tolerated_flags=[]),
+                      trained=True, tolerated_flags=[], min_robust=0.25),
         "paper": dict(n_eval=10000, aa_attacks=None, margin_steps=20,
                       eps_fractions=[0, 0.25, 0.5, 0.75, 1, 1.5, 2], curve_attack="pgd20",
-                      trained=True, tolerated_flags=[]),
+                      trained=True, tolerated_flags=[], min_robust=0.25),
     },
     "margin_explorer": {
         "smoke": dict(max_eps_factor=4),
@@ -119,9 +126,9 @@ NOTEBOOK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
                       real_subset=1024, n_eval=128, aa_attacks=_APGD,
                       robust_datasets=["mnist"], robust_model="tiny",
                       tolerated_flags=_GAP_FLAGS),
-        "cpu": dict(n=64, noise=0.15, steps=300, snaps=7, order=32, width=32, lr=0.05,
-                    alpha_grid=5, gap_n=40, gap_steps=600, gauss_n=100, gauss_d=10,
-                    real_subset=1024, n_eval=128, aa_attacks=_APGD,
+        "cpu": dict(n=128, noise=0.15, steps=1000, snaps=10, order=48, width=64, lr=0.02,
+                    alpha_grid=8, gap_n=60, gap_steps=3000, gauss_n=200, gauss_d=20,
+                    real_subset=5000, n_eval=1000, aa_attacks=_APGD,
                     robust_datasets=["mnist"], robust_model="tiny",
                     tolerated_flags=_GAP_FLAGS),
         "short": dict(n=200, noise=0.15, steps=2000, snaps=12, order=48, width=64, lr=0.02,

@@ -175,5 +175,5 @@ for m, by_row in by_method.items():
     for r in by_row.values():
         checks.evaluation(r, allow_warnings=allowed,
                           min_clean=1 / test.num_classes + 0.05 if s["trained"] else None,
-                          min_robust=0.25 if s["trained"] else None)
+                          min_robust=s["min_robust"])
 print("all checks passed")

@@ -5,9 +5,9 @@
 # ICLR 2021 (arXiv 2010.04819). No official code; everything here is `mixlab.theory` (sections 1-3,
 # float64 on CPU) and the training engine (section 4).
 #
-# **Which statements, from where.** Only the paper's abstract and introduction were at hand when this was
-# written. The statements implemented are therefore those of [docs/mixup_theory.md](../docs/mixup_theory.md)
-# (derived and checked numerically there); equation numbers are not quoted. They are:
+# **Which statements, from where.** The statements implemented are those of
+# [docs/mixup_theory.md](../docs/mixup_theory.md): mixlab's derivation of the paper's results, each checked
+# numerically; where they differ from the paper, the paper is right. Equation numbers are not quoted. They are:
 # - *Step 1 (exact).* $l(\theta,x,y)=h(f_\theta(x))-y f_\theta(x)$, $h(z)=\log(1+e^z)$, is linear in $y$, so
 #   the mixup loss equals $\frac1{n^2}\sum_{ij}\mathbb E_{\lambda\sim\tilde D}\,l(\theta,\lambda x_i+(1-\lambda)x_j,y_i)$ with
 #   $\tilde D=\frac{\alpha}{\alpha+\beta}\mathrm{Beta}(\alpha+1,\beta)+\frac{\beta}{\alpha+\beta}\mathrm{Beta}(\beta+1,\alpha)$.
@@ -265,10 +265,10 @@ print(f"sections 1-3 took {time.perf_counter() - t_start:.1f} s")
 # ## 4. Robustness at scale: FGSM and PGD-20 accuracy against ε, ERM vs mixup
 #
 # The paper's Fig. 1a is FGSM robust test accuracy against ε for ERM and mixup, two WRN-16-8 trained on SVHN.
-# SVHN is not available offline, so: `smoke` trains a SmallCNN on an MNIST subset (CPU proxy), `short` a
-# PreActResNet-18 on CIFAR-10, `paper` a WRN-16-8 on SVHN when its data is present and on CIFAR-10 otherwise;
-# the dataset used is printed and recorded. No numbers or hyperparameters of the paper's experiment are known
-# here: the engine's profile settings (SGD momentum 0.9, weight decay 5e-4), mixup α = 1 (Zhang et al. 2018)
+# `smoke` and `cpu` train a SmallCNN on an MNIST subset (a CPU proxy), `short` a PreActResNet-18 and `paper` a
+# WRN-16-8, on SVHN when its data is present and on CIFAR-10 otherwise; the dataset used is printed and
+# recorded. The paper's numbers and hyperparameters for this experiment are not reproduced; mixlab's choices
+# are the engine's profile settings (SGD momentum 0.9, weight decay 5e-4), mixup α = 1 (Zhang et al. 2018)
 # and ε in {0, 1, 2, 4, 8}/255 ({0, 0.1, 0.2, 0.3} for MNIST) are choices. Linf threat model, pixels in [0, 1].
 #
 # First, completing section 2: the train/test gap against α on a small MNIST subset (α = 0 is ERM).

@@ -7,7 +7,7 @@
 #
 # This notebook trains (or loads) MMA, PGD-AT and ERM on the same budget and shows:
 # 1. the distribution of ε\* over training (histograms by epoch);
-# 2. the margins of test points under each model (the paper's test-time estimate: PGD at max_eps = 1.05·d_max, then bisection);
+# 2. the margins of test points under each model (mixlab's estimate, `mixlab.attacks.estimate_margin`: PGD at max_eps = 1.05·d_max, then a bisection; not the official "ANPGD for test", see [docs/mma.md](../docs/mma.md#the-validation-margin));
 # 3. robust accuracy against the attack radius;
 # 4. the accuracy table (clean, FGSM, PGD-20, CW-20, AutoAttack) of the selected and the last checkpoint, with the paper's numbers beside it.
 #
@@ -115,7 +115,7 @@ print(f"last epoch: {(logged[-1]['eps'] > 0).mean():.1%} of the training example
 # %% [markdown]
 # ## 2. Margins of test points: MMA vs PGD-AT vs ERM
 #
-# The same estimator for every model (the paper's "AN-PGD for test"): PGD with the SLM loss at max_eps, then a 10-step bisection along the PGD direction for the first misclassified point (`mixlab.margins.estimate_margin`; each value is an upper bound on the true margin). Misclassified test points have margin 0; max_eps means none was found. The right panel reads as an accuracy curve: the share of test points whose margin exceeds r is the accuracy under this attack at radius r. Per-example margins are saved with each run (`<run>/margins/test.npz`).
+# The same estimator for every model (`mixlab.attacks.estimate_margin`; it differs from the official "ANPGD for test": [docs/mma.md](../docs/mma.md#the-validation-margin)): PGD with the SLM loss at max_eps, then a 10-step bisection along the PGD direction for the first misclassified point (`mixlab.margins.estimate_margin`; each value is an upper bound on the true margin). Misclassified test points have margin 0; max_eps means none was found. The right panel reads as an accuracy curve: the share of test points whose margin exceeds r is the accuracy under this attack at radius r. Per-example margins are saved with each run (`<run>/margins/test.npz`).
 
 # %%
 test, x_test, y_test = nbtools.load_test_images(dataset, s["n_eval"], dev)
@@ -186,15 +186,16 @@ checks.mma_margins(runs["mma"])
 # trained model pass where the settings tolerate them), for the selected checkpoints also none
 # from the robust-accuracy curve of section 3 (accuracy rising with the radius). Trained for
 # real (the `trained` setting): above chance clean (else an untrained model, or test images
-# with other preprocessing or labels than training), and the adversarially trained models
-# robust in the worst case; smoke models, trained for seconds, can sit near chance on 64 test
-# images
+# with other preprocessing or labels than training), and PGD-AT robust in the worst case
+# (`min_robust`); MMA's robustness at the threat model's eps is the paper's claim, shown in the
+# table and the curve, not asserted; smoke models, trained for seconds, can sit near chance on
+# 64 test images
 for method, by_row in by_method.items():
     for row, r in by_row.items():
         flags = masking_report(r, curve=curve_of_row.get(row))
         checks.evaluation({**r, "warnings": flags}, allow_warnings=s["tolerated_flags"],
                           min_clean=1 / test.num_classes + 0.05 if s["trained"] else None,
-                          min_robust=0.25 if s["trained"] and method != "erm" else None)
+                          min_robust=s["min_robust"] if method == "pgd_at" else None)
 if s["trained"]:  # fails when MMA's margin loss does not push the boundary out
     assert margins["mma"].mean() > margins["erm"].mean(), "MMA margins below ERM's"
 print("all checks passed")

@@ -97,5 +97,5 @@ for row, r in results.items():
     # model pass where the settings tolerate them)
     checks.evaluation(r, allow_warnings=s["tolerated_flags"],
                       min_clean=1 / test.num_classes + 0.05 if s["trained"] else None,
-                      min_robust=0.3 if s["trained"] else None)
+                      min_robust=s["min_robust"])
 print("all checks passed")
