@@ -329,7 +329,7 @@ def check_params(**params: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- training
-def load_run(path: str | Path, **kwargs: Any):
+def open_run(path: str | Path, **kwargs: Any):
     """:func:`mixlab.runs.load_run` with one printed line first (``loading run <path>``),
     as :func:`train_or_load` prints, so a notebook's output shows where every run came from."""
     from . import runs

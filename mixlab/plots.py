@@ -479,7 +479,7 @@ def decision_boundaries(nets: Mapping[float, Any], data, accuracy: Mapping[float
     return fig
 
 
-def theory_bound(eps_grid: Sequence[float], adv_second_order: Sequence[float],
+def bound_figure(eps_grid: Sequence[float], adv_second_order: Sequence[float],
                  adv_exact: Sequence[float], bounds: Mapping[float, Mapping[str, Any]],
                  slack: Mapping[float, Sequence[tuple[int, float, float]]], *, title: str = ""):
     """Left: the second-order and exact l2 adversarial losses against ε, L̃_mix per α

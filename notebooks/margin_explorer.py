@@ -50,7 +50,7 @@ print(f"profile={profile} device={dev} dataset={dataset} norm={norm} eps={eps:.4
 
 # %%
 if run_dirs:
-    runs = {name: nbtools.load_run(path, device=dev) for name, path in run_dirs.items()}
+    runs = {name: nbtools.open_run(path, device=dev) for name, path in run_dirs.items()}
 else:
     runs = {m: nbtools.train_or_load(run_dir=nbtools.run_dir("margin_explorer", profile,
                                                              f"{dataset}-{norm}-{m}"),

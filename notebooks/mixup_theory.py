@@ -214,7 +214,7 @@ for step, state in bound_snaps:
         if checks.strictly_inside_theta(b):
             snapshot_bounds[a].append((step, b))
             slack[a].append((step, b["mix"] - b["adv"], b["mix"] - b["exact_adv"]))
-fig = plots.theory_bound(eps_grid, adv2, adv_exact, bounds, slack,
+fig = plots.bound_figure(eps_grid, adv2, adv_exact, bounds, slack,
                          title=f"logistic regression on {datasets['bound']} (n={size['gauss_n']}, d={dg})")
 show(fig, "theory_bound", dataset=datasets["bound"], n=size["gauss_n"], d=dg)
 summary["bound"] = {str(a): b for a, b in bounds.items()}

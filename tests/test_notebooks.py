@@ -587,7 +587,7 @@ def test_budgets_come_from_the_method_and_the_resolved_config():
 def test_load_run_says_what_it_loads(tmp_path, capsys):
     run = _tiny_run(tmp_path / "run", epochs=1)
     capsys.readouterr()
-    loaded = nbtools.load_run(run.path, which="last")
+    loaded = nbtools.open_run(run.path, which="last")
     assert capsys.readouterr().out == f"loading run {run.path}\n" and loaded.epoch == 1
 
 

@@ -216,7 +216,7 @@ def test_theory_figures_draw_their_rows():
                              alpha=1.0)
     assert np.allclose(_lines(fig.axes[1])["L̃_mix"], [1.1, 3.0])
     bounds = {0.2: dict(mix=0.7, eps_l2=0.3, adv=0.6)}
-    fig = plots.theory_bound([0, 0.5], [0.5, 0.8], [0.5, 0.9], bounds, {0.2: [(1, 0.1, 0.05)]})
+    fig = plots.bound_figure([0, 0.5], [0.5, 0.8], [0.5, 0.9], bounds, {0.2: [(1, 0.1, 0.05)]})
     assert np.allclose(_lines(fig.axes[1])["L̃_mix − L̃_adv(ε_mix√d), α=0.2"], [0.1])
 
 
