@@ -165,7 +165,7 @@ PARAMS: dict[str, Param] = {
     "target_index": Param("int", "test image index", low=0),
     "direction": Param("str", "path direction", choices=_directions),
     "n_points": Param("int", "points per path", low=2),
-    "quiet": Param("bool", "no per-step progress bars while training"),
+    "quiet": Param("bool", "no progress bars (training steps, evaluation batches)"),
 }
 
 
@@ -597,12 +597,14 @@ def _save_quietly(result: dict[str, Any], path: Path, what: str) -> None:
 
 
 def evaluate_checkpoint(name: str, run, x: torch.Tensor, y: torch.Tensor, *,
-                        also: str | None = None, **evaluate_kw: Any) -> dict[str, Any]:
+                        also: str | None = None, progress: bool = True,
+                        **evaluate_kw: Any) -> dict[str, Any]:
     """One checkpoint's :func:`mixlab.evaluate.evaluate` result, from the cache in its run
     folder when an evaluation with the same key (:func:`evaluation_key`) is there, else
     computed and cached. Prints one line, ``evaluating <row> ...`` or ``loaded cached
     evaluation <row> ...``. The result is also written to ``<run>/test_<which>.json`` (and to
-    ``test_<also>.json`` when ``also`` names another checkpoint that is the same one)."""
+    ``test_<also>.json`` when ``also`` names another checkpoint that is the same one).
+    ``progress``: the evaluation's progress bars (not part of the cache key)."""
     from .evaluate import evaluate
 
     key = evaluation_key(run, x, y, **evaluate_kw)
@@ -618,14 +620,15 @@ def evaluate_checkpoint(name: str, run, x: torch.Tensor, y: torch.Tensor, *,
         print(f"evaluating {label} on {len(x)} images: {', '.join(settings['attacks'])} "
               f"(eps {settings['eps']:.4g}, {settings['norm']})", flush=True)
         result = evaluate(run.model, x, y, run_dir=run.path, name=f"test_{run.which}",
-                          **evaluate_kw)
+                          progress=progress, **evaluate_kw)
         _save_quietly({**result, "cache_key": key}, path, "the cached evaluation")
     if also is not None and result.get("saved_to"):
         _save_quietly(result, Path(run.path) / f"test_{also}.json", "the evaluation")
     return result
 
 
-def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
+def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor, *,
+                         progress: bool = True,
                          **evaluate_kw: Any) -> dict[str, dict[str, Any]]:
     """The selected (``best``) and the last checkpoint of a finished run, evaluated on the same
     images by one :func:`mixlab.evaluate.evaluate` call each (one in all when the best epoch is
@@ -638,7 +641,8 @@ def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
     on the same images with the same settings; any change of checkpoint, images or setting
     evaluates again, and a cache file that does not parse or does not carry the key is
     ignored (with a printed line), never trusted. One line per checkpoint says which
-    happened. Each result is also written as ``test_<which>.json`` in the run folder."""
+    happened. Each result is also written as ``test_<which>.json`` in the run folder.
+    ``progress=False`` hides the evaluation's progress bars (a notebook's ``quiet``)."""
     from .runs import load_run
 
     evaluation_settings(**evaluate_kw)  # a bad keyword fails before any checkpoint loads
@@ -646,20 +650,23 @@ def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor,
     last = load_run(run.path, which="last", device=x.device)
     rows = {}
     if last.epoch == best.epoch:  # the same checkpoint: its result is the last one's too
-        result = evaluate_checkpoint(name, best, x, y, also="last", **evaluate_kw)
+        result = evaluate_checkpoint(name, best, x, y, also="last", progress=progress,
+                                     **evaluate_kw)
         rows[checkpoint_label(name, best)] = rows[checkpoint_label(name, last)] = result
         return rows
-    rows[checkpoint_label(name, best)] = evaluate_checkpoint(name, best, x, y, **evaluate_kw)
-    rows[checkpoint_label(name, last)] = evaluate_checkpoint(name, last, x, y, **evaluate_kw)
+    for checkpoint in (best, last):
+        rows[checkpoint_label(name, checkpoint)] = evaluate_checkpoint(
+            name, checkpoint, x, y, progress=progress, **evaluate_kw)
     return rows
 
 
-def evaluate_runs(runs: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+def evaluate_runs(runs: dict[str, Any], x: torch.Tensor, y: torch.Tensor, *,
+                  progress: bool = True,
                   **evaluate_kw: Any) -> dict[str, dict[str, dict[str, Any]]]:
     """:func:`evaluate_checkpoints` of every run, on the same images and settings:
     ``{name: {"<name> (best, ep B)": result, "<name> (last, ep L)": result}}``."""
     evaluation_settings(**evaluate_kw)  # a bad keyword fails before the first run
-    return {name: evaluate_checkpoints(name, run, x, y, **evaluate_kw)
+    return {name: evaluate_checkpoints(name, run, x, y, progress=progress, **evaluate_kw)
             for name, run in runs.items()}
 
 

@@ -19,7 +19,7 @@ eps = None             # type: float|None  Linf radius, pixel units; None: the d
 epochs = None          # type: int|None  training epochs; None: the profile's
 run_dir = ""           # type: str  run folder; empty: runs/amp_cifar10/<profile>/<dataset>-eps<..>-seed<seed>
 device = "auto"        # type: str  auto | cpu | cuda | cuda:N
-quiet = False          # type: bool  no per-step progress bars while training (-p quiet true)
+quiet = False          # type: bool  no progress bars (training steps, evaluation batches; -p quiet true)
 
 # %%
 # %matplotlib inline
@@ -118,7 +118,7 @@ nbtools.save_figure(fig, "amp_lambda_hist", profile=profile, extra={"dataset": d
 # One `evaluate` call per model and checkpoint, every attack on the same test images, in fp32: the selected checkpoint (`best`, chosen on the validation split) and the `last` one side by side. Linf eps as above; PGD-20 and CW-20 with step eps/4 and a random start; AutoAttack through the authors' `pyautoattack`, standard (APGD-CE, APGD-T, FAB-T, Square) except in the smoke profile, which runs its two APGD stages only. *worst case*: correct clean and under every attack of the row. The masking report of each row is printed under the table.
 
 # %%
-by_run = nbtools.evaluate_runs(runs, x_test, y_test, eps=eps, norm="Linf",
+by_run = nbtools.evaluate_runs(runs, x_test, y_test, progress=not quiet, eps=eps, norm="Linf",
                                aa_attacks=s["aa_attacks"])
 results = nbtools.table_rows(by_run)
 print(nbtools.table_report(results))

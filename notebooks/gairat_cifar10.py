@@ -15,7 +15,7 @@ dataset = "cifar10"              # type: str  dataset name
 methods = ["pgd_at", "gairat"]   # type: list[str]  methods trained and compared; keep gairat, add gair_fat or fat
 lams = [-2.0, -1.0, 0.0, 1.0]    # type: list[float]  λ values drawn in the weight-function figure
 epochs = None                    # type: int|None  training epochs; None: the profile's
-quiet = False                    # type: bool  no per-step progress bars while training (-p quiet true)
+quiet = False                    # type: bool  no progress bars (training steps, evaluation batches; -p quiet true)
 
 # %%
 # %matplotlib inline
@@ -135,7 +135,7 @@ nbtools.save_figure(fig, "gairat_extremes", profile=profile)
 # %%
 test, x_test, y_test = nbtools.load_test_images(dataset, s["n_eval"], dev)
 # {method: {"<method> (best, ep B)": result, "<method> (last, ep L)": result}}
-by_method = nbtools.evaluate_runs(runs, x_test, y_test, eps=cfg["eps"], norm=cfg["norm"],
+by_method = nbtools.evaluate_runs(runs, x_test, y_test, progress=not quiet, eps=cfg["eps"], norm=cfg["norm"],
                                   aa_attacks=s["aa_attacks"])
 papers = reference_rows("gairat", dataset=dataset, norm=cfg["norm"], methods=methods)
 rows = nbtools.table_rows(by_method, papers)

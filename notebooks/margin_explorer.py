@@ -17,7 +17,7 @@ image_index = 0               # type: int  test image the explorer opens on
 direction = "anpgd"           # type: str  pgd | anpgd | random | image
 target_index = 1              # type: int  the image walked towards when direction is "image"
 n_points = 101                # type: int  points per path (one batched forward per model)
-quiet = False                 # type: bool  no per-step progress bars while training (-p quiet true)
+quiet = False                 # type: bool  no progress bars (training steps, evaluation batches; -p quiet true)
 
 # %%
 # %matplotlib inline

@@ -38,7 +38,7 @@ seed = 0                 # type: int  seeds the toy data, initialisations, mixin
 datasets = {"approx": "moons", "bound": "gaussian", "robust": "auto"}  # type: dict  dataset per role
 device = "auto"          # type: str  section 4 only (auto | cpu | cuda); the theory runs on CPU, float64
 run_dir = ""             # type: str  section 4 runs; empty: runs/mixup_theory/<profile>
-quiet = False            # type: bool  no per-step progress bars while training (-p quiet true)
+quiet = False            # type: bool  no progress bars (training steps, evaluation batches; -p quiet true)
 
 # %%
 import time
@@ -344,7 +344,7 @@ summary["robust"] = dict(dataset=robust, model=extra["model"], eps_list=eps_list
 
 # %%
 eps_table = eps_list[-1]
-by_model = nbtools.evaluate_runs(robust_runs, x_test, y_test, eps=eps_table, norm="Linf",
+by_model = nbtools.evaluate_runs(robust_runs, x_test, y_test, progress=not quiet, eps=eps_table, norm="Linf",
                                  aa_attacks=size["aa_attacks"])
 results = nbtools.table_rows(by_model)
 curve_of_row = {nbtools.checkpoint_label(label, run): curves[label]["pgd20"]

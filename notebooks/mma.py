@@ -28,7 +28,7 @@ norm = "Linf"         # type: str  threat model: Linf | L2
 d_max = 0.0           # type: float  MMA's hinge, pixel units; 0: the paper's (CIFAR-10 32/255 Linf, 2.0 L2; MNIST 0.45 Linf, 4.0 L2)
 clean_coeff = -1.0    # type: float  c of (1 - c)·MMA + c·clean CE; < 0: the paper's 1/3 (0 gives OMMA)
 epochs = None         # type: int|None  training epochs; None: the profile's
-quiet = False         # type: bool  no per-step progress bars while training (-p quiet true)
+quiet = False         # type: bool  no progress bars (training steps, evaluation batches; -p quiet true)
 
 # %%
 # %matplotlib inline
@@ -154,7 +154,7 @@ nbtools.save_figure(fig, f"{name}_{norm.lower()}_robust_curves", profile=profile
 
 # %%
 # {method: {"<method> (best, ep B)": result, "<method> (last, ep L)": result}}
-by_method = nbtools.evaluate_runs(runs, x_test, y_test, eps=eps, norm=norm,
+by_method = nbtools.evaluate_runs(runs, x_test, y_test, progress=not quiet, eps=eps, norm=norm,
                                   aa_attacks=s["aa_attacks"])
 papers = reference_rows("mma", dataset=dataset, norm=norm)
 if not papers:

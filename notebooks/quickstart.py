@@ -14,7 +14,7 @@ seed = 0              # type: int  random seed of data order, initialisation and
 dataset = "cifar10"   # type: str  cifar10 | cifar100 | svhn | mnist
 epochs = None         # type: int|None  training epochs; None: the profile's
 run_dir = ""          # type: str  run folder; empty: runs/quickstart/<profile>/<dataset>-pgd_at
-quiet = False         # type: bool  no per-step progress bars while training (-p quiet true)
+quiet = False         # type: bool  no progress bars (training steps, evaluation batches; -p quiet true)
 
 # %%
 # %matplotlib inline
@@ -60,7 +60,7 @@ nbtools.save_figure(fig, "quickstart_curves", profile=profile)
 
 # %%
 test, x_test, y_test = nbtools.load_test_images(dataset, s["n_eval"], dev)
-results = nbtools.evaluate_checkpoints("pgd_at", run, x_test, y_test, eps=cfg["eps"],
+results = nbtools.evaluate_checkpoints("pgd_at", run, x_test, y_test, progress=not quiet, eps=cfg["eps"],
                                        norm=cfg["norm"], aa_attacks=s["aa_attacks"])
 print(nbtools.table_report(results))
 aa_run = nbtools.aa_used(results)

@@ -203,6 +203,8 @@ def test_evaluations_are_cached_by_checkpoint_images_and_settings(tmp_path, caps
     a cache file that does not parse or was tampered with is ignored, never trusted."""
     import torch
 
+    import torch
+
     import mixlab.evaluate
 
     run = _tiny_run(tmp_path / "run")
@@ -503,6 +505,46 @@ def test_every_training_call_gets_the_quiet_parameter(path):
         unpacked = {v for k, v in keywords.items() if k is None}
         assert keywords.get("quiet") == "quiet" or unpacked & (quiet_dicts | {"config"}), \
             f"{path.name}: {ast.unparse(call)[:80]} does not pass quiet=quiet"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_evaluation_call_follows_the_quiet_parameter(path):
+    """Every evaluation through nbtools passes progress=not quiet, so `-p quiet true` also
+    hides the evaluation's progress bars."""
+    tree = ast.parse("\n".join(line for line in _code(path).splitlines()
+                               if not line.lstrip().startswith("%")))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", None) in ("evaluate_runs", "evaluate_checkpoints",
+                                                  "evaluate_checkpoint")]
+    for call in calls:
+        keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+        assert keywords.get("progress") == "not quiet", \
+            f"{path.name}: {ast.unparse(call)[:80]} does not pass progress=not quiet"
+
+
+def test_evaluation_progress_is_not_part_of_the_cache_key(tmp_path, monkeypatch):
+    """progress only changes what is printed: a quiet evaluation reuses a loud one's cache."""
+    import torch
+
+    import mixlab.evaluate
+    from mixlab.runs import load_run
+    from mixlab.train import train
+    train(run_dir=str(tmp_path / "run"), method="erm", dataset="synthetic", model="tiny",
+          epochs=1, batch_size=32, train_subset=64, val_size=32, eval_steps=0, device="cpu",
+          quiet=True)
+    run = load_run(tmp_path / "run", which="last")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    seen = []
+    real = mixlab.evaluate.evaluate
+    @functools.wraps(real)  # the same signature, which nbtools reads the settings from
+    def recording(*args, **kwargs):
+        seen.append(kwargs["progress"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixlab.evaluate, "evaluate", recording)
+    first = nbtools.evaluate_checkpoint("erm", run, x, y, attacks=("clean",), progress=True)
+    again = nbtools.evaluate_checkpoint("erm", run, x, y, attacks=("clean",), progress=False)
+    assert seen == [True] and again["clean"] == first["clean"]
 
 
 # ----------------------------------------------------------------------------- jobs
