@@ -6,6 +6,8 @@ normalisation is the model's first layer, so every ``eps`` and step size is in p
 
 * puts the model in eval mode while it runs (BatchNorm statistics never see attack inputs)
   and restores the previous mode afterwards;
+* runs the module inside ``DistributedDataParallel`` (:func:`unwrap`), never the wrapper, so
+  under torchrun its passes stay out of the gradient reducer (docs/distributed.md);
 * takes gradients w.r.t. the perturbation only (``torch.autograd.grad``), so ``param.grad``
   is never touched;
 * returns points inside the eps-ball around ``x`` *and* inside the box [0, 1];
@@ -276,6 +278,14 @@ def ascent_step(delta: torch.Tensor, grad: torch.Tensor, step_size, norm: str) -
     return delta + step_size * grad / _l2_norm(grad)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module an attack runs: ``DistributedDataParallel``'s wrapper removed, any other
+    module as it is. Under torchrun (``mixlab.distributed``) the training step calls the
+    wrapper, whose forward pass arms its gradient reducer and broadcasts buffers; an attack's
+    passes must do neither, so every attack here unwraps its model first."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Run with the model in eval mode and restore its previous mode afterwards."""
@@ -309,6 +319,7 @@ def eval_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) 
     """The model's fp32 logits (N, K) for x (N, C, H, W), in eval mode (its previous mode is
     restored), ``batch_size`` examples per forward, no autograd, autocast off: the forward
     pass that every evaluation, margin search and path plot reads."""
+    model = unwrap(model)
     with eval_mode(model), fp32(x.device):
         return torch.cat([model(x[i:i + batch_size]).float()
                           for i in range(0, len(x), batch_size)])
@@ -384,7 +395,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, step_s
     check_attack_inputs(x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss)
     _check_count(restarts, "restarts", 1)
     loss_fn = loss if callable(loss) else (lambda z, t, _k=loss: attack_loss(z, t, _k))
-    x = x.detach()
+    model, x = unwrap(model), x.detach()
     best_x, best_score, best_kappa = None, None, None
     # enable_grad: callers may sit in a no_grad block (evaluation); the attack still needs
     # input gradients
@@ -458,7 +469,7 @@ def boundary_bisection(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     margin_fn = margin if callable(margin) else (lambda z, t, _k=margin: attack_loss(z, t, _k))
     if not callable(margin) and margin not in ("cw", "slm"):
         raise ValueError(f"margin must be 'cw', 'slm' or a callable, got {margin!r}")
-    x, direction = x.detach(), direction.detach()
+    model, x, direction = unwrap(model), x.detach(), direction.detach()
     shape = (x.shape[0],)
     lo = torch.as_tensor(lo, dtype=torch.float32, device=x.device).expand(shape).clone()
     hi = torch.as_tensor(hi, dtype=torch.float32, device=x.device).expand(shape).clone()
@@ -555,7 +566,7 @@ def early_stopped_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     if not is_number(omega) or not math.isfinite(omega) or omega < 0:
         raise ValueError(f"omega is the std of the step noise and must be a finite number "
                          f">= 0, got omega={omega!r}")
-    x = x.detach()
+    model, x = unwrap(model), x.detach()
     batch = x.shape[0]
     budget = torch.full((batch,), int(tau), dtype=torch.long, device=x.device)
     running = torch.ones(batch, dtype=torch.bool, device=x.device)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mixlab {train,eval,info,download,prepare} ...``.
+"""Command line: ``python -m mixlab {train,eval,export,info,download,prepare} ...``.
 
 Every bad input ends in one line ``mixlab: error: ...`` and exit status 2; a run that stops on
 a non-finite loss exits with status 3 after saving its state.
@@ -6,6 +6,8 @@ a non-finite loss exits with status 3 after saving its state.
 >>> python -m mixlab train --method pgd_at --profile short --run-dir runs/at
 >>> python -m mixlab train --method mixup --set mixup.alpha=0.2 --profile smoke --run-dir x --dry-run
 >>> python -m mixlab eval --checkpoint runs/at --attacks clean,pgd20,aa --n 1000
+>>> python -m mixlab eval --checkpoint runs/ema --weights ema    # trained with ema_decay set
+>>> python -m mixlab export --robustbench runs/at export/at --which best --weights raw
 >>> python -m mixlab train --config runs/at/config.json --run-dir runs/at-again
 >>> python -m mixlab --threads 4 train --profile smoke --run-dir runs/smoke
 
@@ -148,6 +150,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_int, default=500)
     e.add_argument("--device", default="auto")
     e.add_argument("--which", choices=["best", "last"], default="best")
+    e.add_argument("--weights", choices=["raw", "ema"], default="raw",
+                   help="raw: the trained weights; ema: their average (runs trained with "
+                        "ema_decay); the result goes to eval_cli.json / eval_cli_ema.json")
+
+    x = sub.add_parser("export", help="write a saved run's model for another tool (RobustBench)",
+                       description="Export a run's model. --robustbench writes a state dict "
+                                   "that RobustBench's architecture classes load with "
+                                   "strict=True, and a model card (.json and .md); see "
+                                   "mixlab.models.robustbench.export_robustbench.")
+    x.add_argument("run", help="run directory or .pt file")
+    x.add_argument("out", help="folder to write into (created)")
+    x.add_argument("--robustbench", action="store_true",
+                   help="the format: RobustBench (required; the only one so far)")
+    x.add_argument("--which", choices=["best", "last"], default="best")
+    x.add_argument("--weights", choices=["raw", "ema"], default="raw",
+                   help="raw: the trained weights; ema: their average (runs trained with "
+                        "ema_decay)")
+    x.add_argument("--name", default=None,
+                   help="file stem of the outputs (default mixlab_<method>_<arch>)")
+    x.add_argument("--result", default=None, metavar="JSON",
+                   help="the evaluation to report in the card (a mixlab.evaluate JSON file); "
+                        "default: the run directory's, same threat model, AutoAttack first")
+    x.add_argument("--no-check", action="store_true",
+                   help="skip reloading the written file and comparing its logits")
 
     sub.add_parser("info", help="devices, threads, data found, versions")
 
@@ -232,7 +258,7 @@ def cmd_eval(args) -> None:
         what = f"unknown attack(s) {unknown}" if unknown else "names no attack"
         raise ValueError(f"--attacks {args.attacks!r}: {what}; choose from {','.join(ATTACKS)}")
     device = pick_device(args.device)
-    run = load_run(args.checkpoint, which=args.which, device=device)
+    run = load_run(args.checkpoint, which=args.which, device=device, weights=args.weights)
     cfg = run.config
     eps = args.eps if args.eps is not None else cfg["eps"]
     norm = args.norm or cfg["norm"]
@@ -246,13 +272,33 @@ def cmd_eval(args) -> None:
     test = test.to(device)
     results = evaluate(run.model, test.x.float() / 255, test.y, attacks=attacks,
                        eps=eps, norm=norm, batch_size=args.batch_size,
-                       run_dir=run.path, name="eval_cli")
-    name = f"{cfg['method']} ({run.which}, epoch {run.epoch})"
+                       run_dir=run.path,
+                       name="eval_cli" if args.weights == "raw" else "eval_cli_ema")
+    name = (f"{cfg['method']} ({run.which}, epoch {run.epoch}"
+            f"{', averaged weights' if args.weights == 'ema' else ''})")
     print(format_table({name: results}))
     print(format_report(results))
     where = (f"written to {results['saved_to']}" if results.get("saved_to")
              else f"NOT saved: {results.get('save_error', 'unknown error')}")
     print(f"(n={results['n']} test images, {where})")
+
+
+def cmd_export(args) -> None:
+    from pathlib import Path
+
+    from .models.robustbench import export_robustbench
+    from .runs import load_run
+    if not args.robustbench:
+        raise ValueError("export needs a format: add --robustbench (the only one so far), "
+                         "e.g. python -m mixlab export --robustbench RUN OUT")
+    if args.result is not None and not Path(args.result).is_file():
+        raise ValueError(f"--result {args.result}: no such file (give a mixlab.evaluate JSON, "
+                         f"e.g. RUN/eval_cli.json)")
+    run = load_run(args.run, which=args.which, weights=args.weights)
+    paths = export_robustbench(run, args.out, name=args.name, result=args.result,
+                               check=not args.no_check)
+    for what, path in paths.items():
+        print(f"{what}: {path}")
 
 
 def cmd_info(args) -> None:
@@ -295,8 +341,8 @@ def cmd_prepare(args) -> None:
         print(f"{what} ready in {folder}")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "download": cmd_download,
-            "prepare": cmd_prepare}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "info": cmd_info,
+            "download": cmd_download, "prepare": cmd_prepare}
 
 
 def _one_line(err: BaseException) -> str:

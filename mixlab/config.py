@@ -83,6 +83,15 @@ SETTINGS: dict[str, Setting] = {
     "warmup": S(0.0, "float", "onecycle: fraction of training rising to the peak lr",
                 low=0, high=1, high_open=True),
     "augment": S(True, "bool", "random crop (4-pixel padding) + horizontal flip, 32x32 data"),
+    "ema_decay": S(None, "float", "weight averaging: decay of an exponential moving average of "
+                   "the weights and BatchNorm statistics, updated after every optimiser step "
+                   "(e.g. 0.999, spanning ~1/(1 - decay) steps); the average is validated "
+                   "(ema_val_*), selects best.pt and is saved beside the raw weights "
+                   "(mixlab.ema, docs/baselines.md); None: off", low=0, high=1,
+                   high_open=True, optional=True),
+    "ema_warmup": S(True, "bool", "with ema_decay: decay min(ema_decay, (1 + t)/(10 + t)) at "
+                    "step t, so the average soon forgets the random initialisation; false: "
+                    "ema_decay from the first step"),
     "train_subset": S(None, "int", "train on this many examples (seeded); None: all",
                       low=1, optional=True),
     "val_size": S(1000, "int", "training examples held out as the validation split; the "
@@ -106,6 +115,9 @@ SETTINGS: dict[str, Setting] = {
     "channels_last": S(None, "bool", "channels_last memory format; None: on for CUDA",
                        optional=True),
     "compile": S(False, "bool", "torch.compile the model"),
+    "sync_bn": S(False, "bool", "under torchrun, BatchNorm statistics over the global batch "
+                 "(SyncBatchNorm, CUDA); off: each process normalises its share; no effect "
+                 "in one process"),
     "data_root": S(None, "str", "dataset root; None: mixlab.data.data_root()", optional=True),
     "download": S(False, "bool", "let torchvision download a missing dataset"),
     "run_dir": S(None, "str", "where config, metrics and checkpoints go; None: nothing saved",
@@ -149,9 +161,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 #: settings that say how a run is executed, not what it computes: they may differ when a run
-#: is resumed or loaded
+#: is resumed or loaded (``sync_bn`` among them: like the number of processes, which is no
+#: setting at all, it says how a run is spread over processes; docs/distributed.md)
 RUN_ONLY_KEYS = frozenset({"run_dir", "resume", "overwrite", "stop_after", "quiet", "device",
-                           "data_root", "download", "check_every", "compile",
+                           "data_root", "download", "check_every", "compile", "sync_bn",
                            "tensorboard", "allow_slow_cpu"})
 
 
@@ -334,17 +347,26 @@ def parse_assignment(item: str) -> tuple[str | None, str, str]:
 def config_difference(old: dict[str, Any], new: dict[str, Any],
                       ignore: frozenset[str] = RUN_ONLY_KEYS) -> list[str]:
     """Human-readable lines 'key: old -> new' for settings that differ (method_hp by key),
-    ignoring run-only settings."""
+    ignoring run-only settings. A setting or hyperparameter that a config lacks counts as its
+    default: a run written before mixlab had it ran as its default does (e.g. ``ema_decay``:
+    None, no weight averaging)."""
+    def engine(cfg: dict[str, Any], key: str) -> Any:
+        return cfg.get(key, SETTINGS[key].default if key in SETTINGS else "<absent>")
+
+    def hyper(cfg: dict[str, Any], hp: dict[str, Any], key: str) -> Any:
+        defaults = METHODS[cfg["method"]].defaults if cfg.get("method") in METHODS else {}
+        return hp.get(key, defaults.get(key, "<absent>"))
+
     lines = []
     for key in sorted(set(old) | set(new)):
         if key in ignore:
             continue
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        a, b = engine(old, key), engine(new, key)
         if key == "method_hp" and isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                if a.get(k, "<absent>") != b.get(k, "<absent>"):
-                    lines.append(f"method_hp.{k}: {a.get(k, '<absent>')!r} -> "
-                                 f"{b.get(k, '<absent>')!r}")
+                if hyper(old, a, k) != hyper(new, b, k):
+                    lines.append(f"method_hp.{k}: {hyper(old, a, k)!r} -> "
+                                 f"{hyper(new, b, k)!r}")
         elif a != b:
             lines.append(f"{key}: {a!r} -> {b!r}")
     return lines

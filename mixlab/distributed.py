@@ -62,7 +62,9 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from .attacks import unwrap  # noqa: F401 (re-exported: the module attacks run)
 from .data.loader import Batch, TensorDataset, _crop_flip, _draw_crop_flip
+from .methods.base import _BATCH_SUM
 
 #: the environment variables torchrun sets for every process it starts
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -239,6 +241,45 @@ def check_same_settings(cfg: dict[str, Any], group: Group | None) -> None:
                          f"every node with the same command")
 
 
+def sum_dicts(values: dict[str, float], group: Group | None) -> dict[str, float]:
+    """Per key, the sum of ``values`` over the processes (a key a process lacks counts 0);
+    ``values`` itself without a group. For host-side numbers at the end of an epoch."""
+    if group is None:
+        return values
+    everyone: list[Any] = [None] * group.world
+    dist.all_gather_object(everyone, values)
+    out: dict[str, float] = {}
+    for part in everyone:
+        for key, value in part.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def from_main(value: Any, group: Group | None) -> Any:
+    """Rank 0's ``value`` in every process (``value`` itself without a group)."""
+    if group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_lists(values: list, group: Group | None) -> list[list]:
+    """Every process's ``values``, in rank order (``[values]`` without a group)."""
+    if group is None:
+        return [values]
+    everyone: list[Any] = [None] * group.world
+    dist.all_gather_object(everyone, list(values))
+    return everyone
+
+
+def slowest(seconds: float, group: Group | None) -> float:
+    """The largest of the processes' ``seconds``: the wall-clock time of work they share."""
+    if group is None:
+        return seconds
+    return max(gather_lists([seconds], group))[0]
+
+
 def broadcast_buffers(model: torch.nn.Module, group: Group | None) -> None:
     """Give every process rank 0's buffers (BatchNorm's running statistics): at the end of an
     epoch, so that every process evaluates, and rank 0 saves, the same model."""
@@ -249,24 +290,18 @@ def broadcast_buffers(model: torch.nn.Module, group: Group | None) -> None:
 
 
 # ----------------------------------------------------------------------------- the model
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module attacks run on: ``DistributedDataParallel``'s wrapper removed (its forward
-    pass would arm the gradient reducer and broadcast buffers); any other module as it is."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def wrap(model: torch.nn.Module, group: Group | None, *, sync_bn: bool = False,
-         fwd_model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """The module the training step calls: ``fwd_model`` (default ``model``; the engine passes
-    ``torch.compile(model)`` under ``compile=True``) inside ``DistributedDataParallel`` on
-    this process's device, or unchanged without a group. Convert BatchNorm to SyncBatchNorm
-    first with :func:`convert_sync_bn` (before the optimiser is built)."""
-    fwd = model if fwd_model is None else fwd_model
+def wrap(fwd: torch.nn.Module, group: Group | None) -> torch.nn.Module:
+    """The module the training step calls: ``fwd`` (the model, or ``torch.compile(model)``)
+    run outside the step's random-draw mode (:class:`outside_share`) inside
+    ``DistributedDataParallel`` on this process's device; ``fwd`` unchanged without a group.
+    Attacks get ``outside_share(fwd)`` back from :func:`unwrap`. Convert BatchNorm to
+    SyncBatchNorm first, before the optimiser is built (:func:`convert_sync_bn`)."""
     if group is None:
         return fwd
     ids = [group.device.index] if group.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids,
-                                                     broadcast_buffers=True)
+    # buffers: rank 0's are broadcast before every forward pass (DistributedDataParallel's
+    # default), so BatchNorm's running statistics are the same in every process
+    return torch.nn.parallel.DistributedDataParallel(outside_share(fwd), device_ids=ids)
 
 
 def convert_sync_bn(model: torch.nn.Module, group: Group | None,
@@ -396,10 +431,10 @@ _RANDOM = _LIKE | _SIZED | _INPLACE | _OTHER
 
 
 def _seed_of(*parts: int) -> int:
-    """A 63-bit seed from integers (blake2b of their decimal text): distinct for distinct
-    parts, the same in every process."""
+    """A 31-bit seed from integers (blake2b of their decimal text; 31 bits so that any
+    library's seed function takes it): the same in every process."""
     text = "/".join(str(int(p)) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "little") >> 1
 
 
 def _empty_wider(t: torch.Tensor, dim: int, total: int) -> torch.Tensor:
@@ -443,43 +478,44 @@ class share_of_batch(TorchFunctionMode):  # noqa: N801 (a context manager, like 
     * a draw whose size has no such dimension is made as it is: the same value on every
       process, as in one process;
     * a batch-sized draw that cannot be widened (``randperm(size)``, a draw shaped by a
-      tensor of per-example values, dropout) comes from this process's own stream, seeded
-      by ``own_seed`` (the engine: seed, rank and step), leaving the shared generator alone.
+      tensor of per-example values) comes from this process's own stream, seeded by
+      ``own_seed`` (the engine: seed, rank and step), leaving the shared generator alone.
 
-    A draw given its own ``generator=`` is left alone. Also, while the block runs,
-    :func:`mixlab.methods.base.batch_sum` sums over every process's share (``reduce``)."""
+    A draw given its own ``generator=`` is left alone. The model's forward passes run
+    outside the mode (:func:`outside_share`, which the engine puts around the module the step
+    calls): intercepting each of their operations would cost a microsecond or two apiece,
+    and their randomness (dropout) comes from this process's own stream.
+
+    While the block runs, :func:`mixlab.methods.base.batch_sum` sums over every process's
+    share (``reduce``), and ``device`` (this process's) is whose own stream forward passes
+    use."""
 
     def __init__(self, *, start: int, size: int, total: int, own_seed: int,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         self.start, self.size, self.total, self.own_seed = start, size, total, own_seed
-        self.reduce = reduce
+        self.reduce, self.device = reduce, torch.device(device)
         self._own: dict[tuple[str, int], torch.Tensor] = {}
         self._token = None
 
     def __enter__(self):
-        from .methods import base
-        if self.reduce is not None and hasattr(base, "_BATCH_SUM"):
-            self._token = base._BATCH_SUM.set(self.reduce)
+        if self.reduce is not None:
+            self._token = _BATCH_SUM.set(self.reduce)
+        _ACTIVE.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        from .methods import base
+        _ACTIVE.remove(self)
         if self._token is not None:
-            base._BATCH_SUM.reset(self._token)
+            _BATCH_SUM.reset(self._token)
             self._token = None
         return super().__exit__(*exc)
 
-    # -- helpers
-    def _dim(self, shape) -> int | None:
-        for d, s in enumerate(shape):
-            if s == self.size:
-                return d
-        return None
-
-    def _own_stream(self, device, call):
-        """``call()`` with the default generator of ``device`` holding this process's own
-        stream (then put back): the shared stream does not move."""
+    # -- this process's own stream
+    def _swap(self, device):
+        """Put this process's own stream into the default generator of ``device``; returns
+        what :meth:`_unswap` needs to put the shared stream back (None: nothing swapped)."""
         device = torch.device(device if device is not None else "cpu")
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
@@ -488,17 +524,52 @@ class share_of_batch(TorchFunctionMode):  # noqa: N801 (a context manager, like 
         elif device.type == "cpu":
             index, get, put = -1, torch.get_rng_state, torch.set_rng_state
         else:   # another accelerator: its shared stream (not sliced, but in step)
-            return call()
+            return None
         key = (device.type, index)
         if key not in self._own:
             self._own[key] = torch.Generator(device=device).manual_seed(self.own_seed).get_state()
         shared = get()
         put(self._own[key])
+        return key, get, put, shared
+
+    def _unswap(self, token) -> None:
+        if token is not None:
+            key, get, put, shared = token
+            self._own[key] = get()
+            put(shared)
+
+    def _own_stream(self, device, call):
+        token = self._swap(device)
         try:
             return call()
         finally:
-            self._own[key] = get()
-            put(shared)
+            self._unswap(token)
+
+    @contextlib.contextmanager
+    def lifted(self):
+        """The block runs without this mode (and with this process's own stream in the
+        default generator of ``device``), if the mode is the innermost one; else as it is."""
+        try:
+            on_top = torch.overrides._get_current_function_mode() is self
+        except AttributeError:  # a torch without the helper: keep intercepting
+            on_top = False
+        if not on_top:
+            yield
+            return
+        torch.overrides._pop_mode()
+        token = self._swap(self.device)
+        try:
+            yield
+        finally:
+            self._unswap(token)
+            torch.overrides._push_mode(self)
+
+    # -- the draws
+    def _dim(self, shape) -> int | None:
+        for d, s in enumerate(shape):
+            if s == self.size:
+                return d
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -553,6 +624,27 @@ class share_of_batch(TorchFunctionMode):  # noqa: N801 (a context manager, like 
         return call()
 
 
+#: the share_of_batch blocks open in this process, innermost last
+_ACTIVE: list[share_of_batch] = []
+
+
+class outside_share(torch.nn.Module):  # noqa: N801 (named for what it does, as a block)
+    """``module`` whose forward passes run outside the step's :class:`share_of_batch` mode
+    (see there). The engine puts it inside DistributedDataParallel, so both the training
+    forward and the attacks (which get it from :func:`unwrap`) call it; without an open
+    share_of_batch block it is ``module`` itself."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        if not _ACTIVE:
+            return self.module(*args, **kwargs)
+        with _ACTIVE[-1].lifted():
+            return self.module(*args, **kwargs)
+
+
 def step_context(group: Group | None, *, batch_size: int, seed: int, step: int):
     """The context a training step runs in: :class:`share_of_batch` for this process's slice
     of the global batch (own stream seeded by (seed, rank, step)); nothing without a group."""
@@ -561,7 +653,7 @@ def step_context(group: Group | None, *, batch_size: int, seed: int, step: int):
     b = batch_size // group.world
     return share_of_batch(start=group.rank * b, size=b, total=batch_size,
                           own_seed=_seed_of(seed, group.rank, step),
-                          reduce=lambda t: all_sum(t, group))
+                          reduce=lambda t: all_sum(t, group), device=group.device)
 
 
 # ----------------------------------------------------------------------------- per-example state

@@ -23,6 +23,11 @@ of one per tensor); d_t is computed on the host from a Python step counter, so a
 never waits for the device (no host sync). The averaged model is a deep copy of the model,
 kept in eval mode with gradients off.
 
+The training engine keeps one when ``train(ema_decay=...)`` is set (``ema_warmup`` is
+``warmup``): it updates it after every optimiser step, validates it (``ema_val_*``), selects
+``best.pt`` by it and saves it beside the raw weights; ``mixlab.load_run(run_dir,
+weights="ema")`` loads it back (docs/baselines.md).
+
 >>> ema = WeightAverage(model, decay=0.999)
 >>> for x, y in loader:
 ...     loss.backward(); opt.step()

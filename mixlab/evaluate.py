@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from . import distributed
 from .attacks import (PIXEL_TOL, _check_count, is_number, check_eps, check_label_tensor,
                       eval_mode, fgsm, pgd, pgd_step_size, predict)  # noqa: F401 (predict)
 from .attacks import fp32 as _fp32
@@ -132,11 +133,15 @@ class _AutoAttackProgress(logging.Handler):
     def __init__(self, bar):
         super().__init__(level=logging.DEBUG)
         self.bar = bar
+        self.description = None
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
-        if text.startswith("running "):
-            self.bar.set_description(f"AutoAttack {text[len('running '):]}")
+        if text.startswith("running "):   # AutoAttack runs once per chunk of images
+            description = f"AutoAttack {text[len('running '):]}"
+            if description != self.description:
+                self.bar.set_description(description)
+                self.description = description
             self.bar.reset(total=1)
         elif match := re.match(r"\S+ - (\d+)/(\d+) - ", text):
             done, total = map(int, match.groups())
@@ -470,36 +475,54 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
 
     eps = float(eps)
     n = len(x)
+    group = distributed.setup("cuda" if x.is_cuda else "cpu")   # None without torchrun
+    if group is not None and x.device != group.device:
+        raise ValueError(f"under torchrun each process evaluates on its own device: move the "
+                         f"model, x and y to {group.device} (they are on {x.device})")
+    progress = progress and distributed.is_main(group)
+    mine = distributed.my_chunks(n, batch_size, group)   # every chunk in one process
     result: dict[str, Any] = {"attacks": attacks, "n": n, "eps": eps, "norm": norm,
                               "seed": seed, "seconds": {}, "img_per_s": {}}
     correct: dict[str, torch.Tensor] = {}
+    aa_warnings: list[str] = []
     cuda_devices = list(range(torch.cuda.device_count())) if x.is_cuda else []
     with torch.random.fork_rng(devices=cuda_devices), eval_mode(model), _fp32(x.device):
         for attack in attacks:
-            torch.manual_seed(seed)
             t0 = time.perf_counter()
-            if attack == "clean" or eps == 0:
-                x_eval = x
-            elif attack == "aa":
-                with capture_autoattack_warnings() as aa_warnings, \
-                        autoattack_progress(progress):
-                    x_eval, aa_run = _autoattack(model, x, y, eps=eps, norm=norm,
-                                                 version=aa_version, attacks=aa_attacks,
-                                                 batch_size=batch_size, seed=seed)
+            starts = mine
+            if progress and attack not in ("clean", "aa") and eps != 0:
+                from tqdm.auto import tqdm
+                starts = tqdm(starts, desc=LABELS.get(attack, attack), unit="batch",
+                              leave=False, dynamic_ncols=True)
+            rows, aa_run = [], None
+            with contextlib.ExitStack() as aa_context:
+                if attack == "aa" and eps != 0:
+                    aa_warnings = aa_context.enter_context(capture_autoattack_warnings())
+                    aa_context.enter_context(autoattack_progress(progress))
+                for i in starts:
+                    # each chunk of batch_size images is attacked from its own seed, so a
+                    # chunk's result is the same in whichever process and after whatever ran
+                    chunk_seed = distributed.chunk_seed(seed, i)
+                    torch.manual_seed(chunk_seed)
+                    xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+                    if attack == "clean" or eps == 0:
+                        x_eval = xb
+                    elif attack == "aa":
+                        x_eval, aa_run = _autoattack(model, xb, yb, eps=eps, norm=norm,
+                                                     version=aa_version, attacks=aa_attacks,
+                                                     batch_size=batch_size, seed=chunk_seed)
+                    else:
+                        x_eval = _BATCHED[attack](model, xb, yb, eps=eps, norm=norm)
+                    rows.append(predict(model, x_eval, batch_size) == yb)
+            hits = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.bool, device=x.device)
+            correct[attack] = distributed.gather_rows(hits, mine, batch_size, n, group)
+            if attack == "aa" and eps != 0:
                 result["aa_version"] = "custom" if aa_attacks else aa_version
-                result["aa_attacks"] = aa_run
-                result["aa_warnings"] = list(dict.fromkeys(aa_warnings))
-            else:
-                run = _BATCHED[attack]
-                starts = range(0, n, batch_size)
-                if progress:
-                    from tqdm.auto import tqdm
-                    starts = tqdm(starts, desc=LABELS.get(attack, attack), unit="batch",
-                                  leave=False, dynamic_ncols=True)
-                x_eval = torch.cat([run(model, x[i:i + batch_size], y[i:i + batch_size],
-                                        eps=eps, norm=norm) for i in starts])
-            correct[attack] = predict(model, x_eval, batch_size) == y
-            seconds = time.perf_counter() - t0
+                result["aa_attacks"] = distributed.from_main(aa_run, group)  # rank 0 ran one
+                result["aa_warnings"] = list(dict.fromkeys(
+                    w for part in distributed.gather_lists(aa_warnings, group) for w in part))
+            # wall-clock seconds of the slowest process
+            seconds = distributed.slowest(time.perf_counter() - t0, group)
             result["seconds"][attack] = seconds
             result["img_per_s"][attack] = n / max(seconds, 1e-9)
     robust = torch.stack(list(correct.values())).all(0)
@@ -510,6 +533,8 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
                              "robust": robust.tolist()}
     result["warnings"] = masking_report(result)
     result["saved_to"] = None if path is None else str(path)
+    if path is not None and not distributed.is_main(group):   # rank 0 writes the file
+        return result
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

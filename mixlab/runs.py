@@ -10,8 +10,10 @@ lost or repeated:
 * ``config.json``: exactly the resolved settings (``python -m mixlab train ... --dry-run``);
 * ``provenance.json``: code version, library versions, device and data (:func:`provenance`);
 * ``last.pt``: the state after the last completed epoch, history included; the source of truth;
-* ``best.pt``: the completed epoch with the best ``Method.best_metric`` on the validation split
-  (no ``best.pt`` without a validation split: the test set never selects a model);
+  with weight averaging on (``ema_decay``), the averaged weights too, under ``ema``;
+* ``best.pt``: the completed epoch with the best validation score (:func:`best_metric`: the
+  method's ``Method.best_metric``, of the averaged model when weight averaging is on); no
+  ``best.pt`` without a validation split: the test set never selects a model;
 * ``metrics.jsonl``: one line per completed epoch, rewritten from ``last.pt``'s history;
 * ``method/epoch_XXX.npz``: per-epoch arrays of the method (GAIRAT's κ, mixup's λ, ...);
 * ``nonfinite.pt``: written only when the loss turns NaN/inf: the state at the last check where
@@ -26,6 +28,7 @@ Checkpoints hold tensors and plain containers only and are read with ``weights_o
 crafted file cannot run code.
 
 >>> run = load_run("runs/at", which="best", device="cuda")     # run.model, run.config, ...
+>>> run = load_run("runs/at-ema", weights="ema")               # the averaged weights
 >>> run = train_or_load(run_dir="runs/at", method="pgd_at", profile="short")
 """
 from __future__ import annotations
@@ -44,7 +47,9 @@ import numpy as np
 import torch
 
 from . import data as data_mod
+from .attacks import unwrap
 from .config import config_difference, resolve_config
+from .distributed import outside_share
 from .fileio import atomic_savez, atomic_torch_save, atomic_write_bytes, safe_torch_load
 from .methods import get_method
 from .models import CUSTOM_PREFIX, CustomModel, build_model, custom_model_name
@@ -110,21 +115,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose state_dict a checkpoint holds (``torch.compile``'s wrapper removed)."""
+    """The module whose state_dict a checkpoint holds: the wrappers of a step under torchrun
+    (DistributedDataParallel, ``mixlab.distributed.outside_share``) and ``torch.compile``'s
+    removed."""
+    model = unwrap(model)
+    if isinstance(model, outside_share):
+        model = model.module
     return getattr(model, "_orig_mod", model)
 
 
 def checkpoint_state(*, model, optimizer, method, cfg, epoch, step, history,
-                     generator) -> dict[str, Any]:
-    """Everything needed to continue exactly: weights, optimiser, method state, RNG states.
-    Tensors and plain containers only, so it loads with ``weights_only=True``."""
+                     generator, ema=None) -> dict[str, Any]:
+    """Everything needed to continue exactly: weights, optimiser, method state, RNG states,
+    and the weight average (``ema``: a :class:`mixlab.ema.WeightAverage`, or None when weight
+    averaging is off). Tensors and plain containers only, so it loads with
+    ``weights_only=True``."""
     base = unwrap_model(model)
     return dict(
         model=_clone(base.state_dict()), arch=base.arch,
         num_classes=base.num_classes, in_channels=base.in_channels,
         optimizer=_clone(optimizer.state_dict()), method=_clone(method.state_dict()),
         config=cfg, epoch=epoch,
-        step=step, history=history, rng=rng_state(), generator=generator.get_state())
+        step=step, history=history, rng=rng_state(), generator=generator.get_state(),
+        ema=_clone(ema.state_dict()) if ema is not None else None)
+
+
+def best_metric(cfg: dict[str, Any]) -> str:
+    """The history key that selects ``best.pt`` for the resolved settings ``cfg``: the method's
+    ``Method.best_metric`` (e.g. ``val_robust``), and with weight averaging on (``ema_decay``)
+    the same score of the averaged model (``ema_val_robust``): that is the model one
+    evaluates and exports, so it is the one selected (docs/baselines.md)."""
+    metric = get_method(cfg["method"]).best_metric
+    return f"ema_{metric}" if cfg.get("ema_decay") is not None else metric
 
 
 def _clone(tree: Any) -> Any:
@@ -323,6 +345,7 @@ class Run:
     method_state: dict[str, Any]
     which: str = "best"
     epoch: int = 0   # 1-based epoch of the loaded checkpoint
+    weights: str = "raw"   # "raw": the trained weights; "ema": their average (ema_decay)
 
     def method_arrays(self) -> list[dict[str, np.ndarray]]:
         """The per-epoch arrays the method logged (e.g. GAIRAT's kappa), oldest first. Read
@@ -336,11 +359,17 @@ class Run:
 
 
 def load_run(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu",
-             num_classes: int | None = None, model: torch.nn.Module | None = None) -> Run:
+             num_classes: int | None = None, model: torch.nn.Module | None = None,
+             weights: str = "raw") -> Run:
     """Load a run directory (or a checkpoint file): model, config and history.
 
     which: "best" (the epoch selected on the validation split) or "last". A run without a
     validation split has no "best" (the test set never selects a model): ask for "last".
+    With weight averaging on, "best" is the epoch whose *averaged* model scored best
+    (:func:`best_metric`), whichever ``weights`` are loaded from it.
+    weights: "raw" (the weights the optimiser trained) or "ema" (their exponential moving
+    average, for runs trained with ``ema_decay``; the model to evaluate and export for such
+    runs). "ema" on a run without an average is refused.
     Checkpoints with non-finite weights are refused. num_classes, if given, must match.
     model: for a run trained on a module of your own (``train(model=module)``, recorded as
     ``"custom:<ClassName>"``), a new module of the same class to load the weights into; the
@@ -348,6 +377,9 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     (``register_model`` / ``register_dataset``) needs the same registration in this process."""
     if which not in ("best", "last"):
         raise ValueError(f"which={which!r} must be 'best' or 'last'")
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights={weights!r} must be 'raw' (the trained weights) or 'ema' "
+                         f"(their average, runs trained with ema_decay)")
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={model!r} must be an nn.Module (of the class the run trained)")
     if not isinstance(path, (str, os.PathLike)):
@@ -365,8 +397,8 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
                 raise CheckpointError(
                     f"{path} was trained without a validation split (val_size=0), so no "
                     f"checkpoint was selected; load which='last'")
-            metric = get_method(cfg["method"]).best_metric
-            if which == "best" and metric == "val_robust" and not cfg.get("eval_steps"):
+            metric = best_metric(cfg)
+            if which == "best" and metric.endswith("val_robust") and not cfg.get("eval_steps"):
                 raise CheckpointError(
                     f"{path} was trained with eval_steps=0, so the robust validation accuracy "
                     f"that selects {cfg['method']}'s best checkpoint was never computed; load "
@@ -378,7 +410,15 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     if num_classes is not None and num_classes != ckpt["num_classes"]:
         raise CheckpointError(f"{ckpt_path} was trained for {ckpt['num_classes']} classes, "
                               f"not {num_classes}")
-    bad = nonfinite_entries(ckpt["model"])
+    state = ckpt["model"]
+    if weights == "ema":
+        if ckpt.get("ema") is None:
+            raise CheckpointError(
+                f"{ckpt_path} holds no weight average: the run was trained without weight "
+                f"averaging (ema_decay={cfg.get('ema_decay')!r}); load weights='raw', or "
+                f"train with ema_decay set (e.g. 0.999)")
+        state = ckpt["ema"]["model"]
+    bad = nonfinite_entries(state)
     if bad:
         raise CheckpointError(f"{ckpt_path} holds non-finite weights or buffers ({bad[:5]}); "
                               f"its numbers would mean nothing: retrain with a lower lr")
@@ -404,7 +444,7 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
         model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"],
                             mean=info.get("mean"), std=info.get("std"))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt_path} does not fit a {ckpt['arch']} model: {err}") from err
     model.to(device).eval()
@@ -415,7 +455,7 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
         history = load_checkpoint(last)["history"]  # the whole run, not up to the best epoch
     return Run(model=model, config=cfg, history=history, path=run_dir,
                method_state=ckpt.get("method", {}), which=ckpt_path.stem,
-               epoch=ckpt["epoch"] + 1)
+               epoch=ckpt["epoch"] + 1, weights=weights)
 
 
 def run_status(run_dir: str | Path, *, method_hp: dict[str, Any] | None = None,
@@ -446,9 +486,10 @@ def _is_finished(run_dir: Path, wanted: dict[str, Any]) -> bool:
     return ckpt["epoch"] + 1 >= wanted["epochs"]
 
 
-def train_or_load(*, run_dir: str | Path, which: str = "best",
+def train_or_load(*, run_dir: str | Path, which: str = "best", weights: str = "raw",
                   method_hp: dict[str, Any] | None = None, **settings: Any) -> Run:
-    """Train (or finish training) the run in ``run_dir`` unless it is complete; load it.
+    """Train (or finish training) the run in ``run_dir`` unless it is complete; load it
+    (``which`` and ``weights`` as in :func:`load_run`).
 
     Notebooks call this so a second execution reuses finished runs; one printed line says
     which happens (``training <run_dir>``, also when an interrupted run is finished, or
@@ -475,4 +516,5 @@ def train_or_load(*, run_dir: str | Path, which: str = "best",
     print(f"{'loading finished run' if done else 'training'} {run_dir}", flush=True)
     if not done:
         train(run_dir=str(run_dir), method_hp=method_hp, **settings)
-    return load_run(run_dir, which=which, device=pick_device(wanted["device"]), model=module)
+    return load_run(run_dir, which=which, device=pick_device(wanted["device"]), model=module,
+                    weights=weights)

@@ -11,7 +11,8 @@ from mixlab.config import resolve_config
 from mixlab.methods import AttackSpec, get_method
 from mixlab.methods import amp as amp_mod
 from mixlab.methods.amp import amp_loss, amp_perturb, geo_weight, mix
-from mixlab.methods.mixup import mixup_criterion, mixup_data
+from mixlab.methods.mixing import mixup_data
+from mixlab.methods.mixup import mixup_criterion
 from mixlab.models import build_model
 from mixlab.paths import image_strip, interpolation_path, interpolation_points
 from mixlab.runs import CheckpointError, check_compatible, load_checkpoint, load_run

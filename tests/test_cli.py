@@ -54,7 +54,7 @@ def test_missing_dataset_error_names_the_fix(tmp_path, monkeypatch, capsys):
 
 def test_help_and_info_as_subprocess():
     assert run_cli("--help").returncode == 0
-    for sub in ("train", "eval", "info"):
+    for sub in ("train", "eval", "export", "info"):
         result = run_cli(sub, "--help")
         assert result.returncode == 0 and "usage" in result.stdout
     info = run_cli("info")
@@ -153,3 +153,68 @@ def test_info_prints_the_thread_count():
     import os
     info = run_cli("info", env={**os.environ, "MIXLAB_THREADS": "1"})
     assert info.returncode == 0 and "threads: 1 (why: MIXLAB_THREADS)" in info.stdout
+
+
+def test_export_robustbench_reloads_with_the_same_logits(tmp_path, capsys):
+    """A tiny WRN-10-1 run with weight averaging, exported raw and averaged: each file reloads
+    with load_robustbench and gives the logits of the model load_run returns."""
+    import torch
+
+    from mixlab.models.robustbench import load_robustbench
+    from mixlab.runs import load_run
+
+    run_dir = str(tmp_path / "run")
+    assert main(["train", "--method", "erm", "--dataset", "synthetic", "--model", "wrn-10-1",
+                 "--profile", "smoke", "--epochs", "1", "--run-dir", run_dir,
+                 "--set", "train_subset=128", "--set", "val_size=64", "--set", "ema_decay=0.5",
+                 "--set", "quiet=true"]) == 0
+    capsys.readouterr()
+    # an evaluation of the averaged weights: its own file, reported in the averaged export only
+    assert main(["eval", "--checkpoint", run_dir, "--which", "last", "--weights", "ema",
+                 "--attacks", "clean", "--n", "16"]) == 0
+    assert "averaged weights" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval_cli_ema.json").is_file()
+    assert not (tmp_path / "run" / "eval_cli.json").exists()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for weights in ("raw", "ema"):
+        out = tmp_path / f"export-{weights}"
+        assert main(["export", "--robustbench", run_dir, str(out), "--which", "last",
+                     "--weights", weights, "--name", "tiny_wrn"]) == 0
+        printed = capsys.readouterr().out
+        assert f"state_dict: {out / 'tiny_wrn.pt'}" in printed
+        card = json.loads((out / "tiny_wrn.json").read_text())
+        assert card["training"]["weights"] == weights and card["training"]["checkpoint"] == "last"
+        assert card["state_dict"]["reload_max_logit_diff"] < 1e-4
+        if weights == "ema":
+            assert card["accuracy"]["file"].endswith("eval_cli_ema.json")
+        else:
+            assert card["accuracy"] is None  # the raw weights were never evaluated
+        reloaded = load_robustbench(out / "tiny_wrn.pt")
+        model = load_run(run_dir, which="last", weights=weights).model
+        with torch.no_grad():
+            logits[weights] = reloaded(x)
+            assert torch.allclose(logits[weights], model(x), atol=1e-5)
+    assert not torch.allclose(logits["raw"], logits["ema"], atol=1e-3)  # two different models
+
+    assert main(["export", run_dir, str(tmp_path / "x")]) == 2  # no format
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixlab: error:") and "--robustbench" in err[0]
+    assert not (tmp_path / "x").exists()
+    assert main(["export", "--robustbench", run_dir, str(tmp_path / "x"),
+                 "--result", str(tmp_path / "missing.json")]) == 2
+    assert "--result" in capsys.readouterr().err
+
+
+def test_eval_and_export_of_averaged_weights_need_a_run_that_averaged(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert main(["train", "--method", "erm", "--dataset", "synthetic", "--profile", "smoke",
+                 "--epochs", "1", "--run-dir", run_dir, "--set", "train_subset=128",
+                 "--set", "val_size=64", "--set", "quiet=true"]) == 0
+    for args in (["eval", "--checkpoint", run_dir, "--weights", "ema", "--n", "8"],
+                 ["export", "--robustbench", run_dir, str(tmp_path / "x"), "--weights", "ema"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no weight average" in err[0], err
+    assert main(["export", "--robustbench", run_dir, str(tmp_path / "x")]) == 2  # tiny CNN
+    assert "no RobustBench twin" in capsys.readouterr().err

@@ -28,7 +28,7 @@ OVERRIDES = {
     "gairat": {"begin_epoch": 7, "gair_lambda": -2.0, "weight_fn": "sigmoid"},
     "gair_fat": {"begin_epoch": 7, "tau": [1, 2, 3], "omega": 0.01},
     "fat": {"tau": 1, "omega": 0.0},
-    "trades": {"beta": 1.0},
+    "trades": {"beta": 1.0, "mix": "cutmix", "mix_alpha": 0.5},
     "pgd_at": {"mix": "cutmix", "mix_alpha": 0.5},
 }
 EPS = dataset_info("cifar10")["eps"]["Linf"]  # the default dataset's radius (8/255)

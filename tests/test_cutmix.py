@@ -1,7 +1,10 @@
-"""CutMix (mixlab.methods.mixup, ``mix="cutmix"``) and mixing inside PGD-AT (``pgd_at.mix``):
-boxes inside the image, label weights equal to the pasted area, the mixed image against a
-hand-built one, the attack on the mixed image with soft labels, no host syncs."""
+"""CutMix (mixlab.methods.mixing; mixup's ``mix="cutmix"``) and mixing inside PGD-AT and
+TRADES (``pgd_at.mix``, ``trades.mix``): boxes inside the image, label weights equal to the
+pasted area, the mixed image against a hand-built one, the attack on the mixed image with soft
+labels, no host syncs, and methods that share the helpers without importing each other."""
+import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +14,11 @@ import torch.nn.functional as F
 from mixlab.config import resolve_config
 from mixlab.methods import AttackSpec, get_method
 from mixlab.methods import pgd_at as pgd_at_mod
+from mixlab.methods import trades as trades_mod
 from mixlab.methods.base import sample_lam, soft_cross_entropy
-from mixlab.methods.mixup import box_mask, cutmix_boxes, cutmix_data, mixup_criterion
+from mixlab.methods.mixing import box_mask, cutmix_boxes, cutmix_data
+from mixlab.methods.mixup import mixup_criterion
+from mixlab.methods.trades import kl_clean_adv
 from mixlab.models import build_model
 from mixlab.sync import no_host_sync
 
@@ -132,8 +138,13 @@ def test_mix_names_are_checked():
         get_method("pgd_at")(num_train=B, num_classes=K, epochs=1, mix="cutmix", mix_alpha=0.0)
     with pytest.raises(ValueError, match="alpha"):  # pgd_at's alpha would read as a step size
         get_method("pgd_at")(num_train=B, num_classes=K, epochs=1, alpha=1.0)
+    with pytest.raises(ValueError, match="trades.mix='cut'"):
+        get_method("trades")(num_train=B, num_classes=K, epochs=1, mix="cut")
+    with pytest.raises(ValueError, match="trades.mix_alpha"):
+        get_method("trades")(num_train=B, num_classes=K, epochs=1, mix="mixup", mix_alpha=-1.0)
     assert resolve_config(method="pgd_at")["method_hp"] == {"mix": "none", "mix_alpha": 1.0}
     assert resolve_config(method="mixup")["method_hp"]["mix"] == "mixup"
+    assert resolve_config(method="trades")["method_hp"]["mix"] == "none"
 
 
 # ----------------------------------------------------------------------------- PGD-AT + mix
@@ -191,10 +202,88 @@ def test_pgd_at_without_mix_is_plain_pgd_at(net, batch, monkeypatch):
     assert method.epoch_end(0) == {}
 
 
+# ----------------------------------------------------------------------------- TRADES + mix
+@pytest.mark.parametrize("mix", ["cutmix", "mixup"])
+def test_trades_attacks_and_trains_on_the_mixed_image_with_the_soft_label(net, batch, mix,
+                                                                         monkeypatch):
+    """The KL attack starts from the mixed image, the KL term compares the mixed image with
+    its attacked copy, and the clean term is the soft-label CE of the mixed image."""
+    x, y = batch
+    calls, real = [], trades_mod.trades_perturb
+
+    def spy(model, x_in, **kwargs):
+        out = real(model, x_in, **kwargs)
+        calls.append((x_in, kwargs, out))
+        return out
+    monkeypatch.setattr(trades_mod, "trades_perturb", spy)
+    attack = AttackSpec(eps=8 / 255, step_size=2 / 255, steps=3)
+    method = get_method("trades")(num_train=B, num_classes=K, epochs=1, attack=attack, mix=mix,
+                                  mix_alpha=0.7, beta=3.0)
+    torch.manual_seed(7)
+    loss, logits = method.loss(net, x, y, torch.arange(B), epoch=0)
+    # the same draws, by hand: λ, the partners, (CutMix) the boxes, then the attack
+    torch.manual_seed(7)
+    lam_drawn = sample_lam(0.7, B, x.device)
+    perm = torch.randperm(B)
+    if mix == "cutmix":
+        x_mix, _, _, lam = cutmix_data(x, y, perm, cutmix_boxes(lam_drawn, 32, 32))
+    else:
+        lam = lam_drawn
+        x_mix = lam.reshape(-1, 1, 1, 1) * x + (1 - lam.reshape(-1, 1, 1, 1)) * x[perm]
+    y_soft = lam[:, None] * F.one_hot(y, K) + (1 - lam[:, None]) * F.one_hot(y[perm], K)
+    (x_in, kwargs, x_adv), = calls
+    assert torch.equal(x_in, x_mix)  # the ball is centred on the mixed image
+    assert (kwargs["eps"], kwargs["step_size"], kwargs["steps"]) == (8 / 255, 2 / 255, 3)
+    assert (x_adv - x_mix).abs().max() <= 8 / 255 + 1e-6
+    assert not torch.equal(x_mix, x)
+    clean = net(x_mix)
+    expected = soft_cross_entropy(clean, y_soft) + 3.0 * kl_clean_adv(clean, net(x_adv))
+    assert logits is None and torch.allclose(loss, expected, atol=1e-6)
+    # not the hard-label CE of the mixed image, not the clean batch
+    hard = F.cross_entropy(clean, y) + 3.0 * kl_clean_adv(clean, net(x_adv))
+    assert not torch.allclose(loss, hard, atol=1e-4)
+    arrays = method.epoch_end(0)
+    assert set(arrays) == ({"lam", "lam_box"} if mix == "cutmix" else {"lam"})
+    np.testing.assert_allclose(arrays["lam"], lam_drawn.numpy())
+    loss.backward()
+    assert net.training
+
+
+def test_trades_without_mix_is_plain_trades(net, batch, monkeypatch):
+    x, y = batch
+    seen = []
+    real = trades_mod.trades_perturb
+    monkeypatch.setattr(trades_mod, "trades_perturb",
+                        lambda m, xi, **kw: seen.append(xi) or real(m, xi, **kw))
+    method = get_method("trades")(num_train=B, num_classes=K, epochs=1,
+                                  attack=AttackSpec(steps=2))
+    loss, logits = method.loss(net, x, y, torch.arange(B), epoch=0)
+    (xi,) = seen
+    assert xi is x and logits.shape == (B, K) and method.epoch_end(0) == {}
+
+
+def test_methods_do_not_import_each_other():
+    """A method file imports attacks, base and mixing (shared helpers), never another method."""
+    folder = Path(pgd_at_mod.__file__).parent
+    shared = {"base", "mixing", "__init__"}
+    methods = {p.stem for p in folder.glob("*.py")} - shared
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                if path.stem != "__init__":
+                    assert not set(names) & methods, f"{path.name} imports {names}"
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "mixlab.methods.") and path.stem != "__init__":
+                assert node.module.split(".")[-1] not in methods, f"{path.name}: {node.module}"
+
+
 @pytest.mark.parametrize("name,hp", [("mixup", dict(mix="cutmix")),
                                      ("mixup", dict(mix="cutmix", per_example=True)),
                                      ("pgd_at", dict(mix="cutmix")),
-                                     ("pgd_at", dict(mix="mixup"))])
+                                     ("pgd_at", dict(mix="mixup")),
+                                     ("trades", dict(mix="cutmix")),
+                                     ("trades", dict(mix="mixup"))])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-channels-last"])
 def test_mixing_steps_are_free_of_host_syncs(name, hp, bf16, net, batch):
     x, y = batch
@@ -212,7 +301,8 @@ def test_mixing_steps_are_free_of_host_syncs(name, hp, bf16, net, batch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,hp", [("mixup", dict(mix="cutmix", per_example=True)),
-                                     ("pgd_at", dict(mix="cutmix")), ("trades", {})])
+                                     ("pgd_at", dict(mix="cutmix")), ("trades", {}),
+                                     ("trades", dict(mix="cutmix"))])
 def test_steps_on_cuda_bf16_channels_last_without_host_syncs(name, hp):
     """The GPU path as the engine runs it; a host sync inside the step raises."""
     model = build_model("tiny", K, 3).cuda().to(memory_format=torch.channels_last).train()

@@ -6,7 +6,9 @@ chosen event: a training step, or a file write between filling the temporary fil
 rename, or just after the rename. The run is restarted until it finishes; after each kill
 the run directory must be resumable and consistent, and the finished run must equal an
 uninterrupted one bit for bit. pgd_at takes most of the kills; mixup adds per-epoch method
-arrays (``method/epoch_XXX.npz``) and another ``best_metric`` (val_clean).
+arrays (``method/epoch_XXX.npz``) and another ``best_metric`` (val_clean); pgd_at with weight
+averaging (``ema_decay``) adds the average, which must resume exactly, and a best checkpoint
+selected by the average's score (``ema_val_robust``).
 """
 import contextlib
 import json
@@ -29,8 +31,8 @@ from mixlab import fileio
 from mixlab.cli import main
 from mixlab.fileio import RunLock, RunLockedError
 from mixlab.methods import get_method
-from mixlab.runs import (CheckpointError, load_checkpoint, load_run, nonfinite_entries,
-                         train_or_load)
+from mixlab.runs import (CheckpointError, best_metric, load_checkpoint, load_run,
+                         nonfinite_entries, train_or_load)
 from mixlab.train import NonFiniteLossError, train
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGKILL")
@@ -43,7 +45,8 @@ TINY = dict(method="pgd_at", dataset="synthetic", model="tiny", epochs=6, batch_
 SHORT = dict(TINY, epochs=2)
 STEPS_PER_EPOCH = 4
 #: history fields that an exact resume reproduces (time measurements are not among them)
-DETERMINISTIC = ("epoch", "step", "lr", "train_loss", "train_acc", "val_clean", "val_robust")
+DETERMINISTIC = ("epoch", "step", "lr", "train_loss", "train_acc", "val_clean", "val_robust",
+                 "ema_val_clean", "ema_val_robust")
 #: where a child kills itself: "step", or "<file>:written" (temporary file filled, target not
 #: yet replaced) / "<file>:replaced" (renamed, folder not yet fsync-ed), where <file> is
 #: "arrays" for method/epoch_XXX.npz; "delay": the parent kills it after a random delay
@@ -134,6 +137,15 @@ def _assert_bitwise_equal(state_a: dict, state_b: dict) -> None:
         assert torch.equal(state_a[key], state_b[key]), key
 
 
+def _assert_same_average(ckpt_a: dict, ckpt_b: dict) -> None:
+    """The weight averages of two checkpoints (None without ema_decay) are the same."""
+    ema_a, ema_b = ckpt_a.get("ema"), ckpt_b.get("ema")
+    assert (ema_a is None) == (ema_b is None)
+    if ema_a is not None:
+        assert ema_a["num_updates"] == ema_b["num_updates"]
+        _assert_bitwise_equal(ema_a["model"], ema_b["model"])
+
+
 def _arrays(run_dir: Path) -> list[dict[str, np.ndarray]]:
     return load_run(run_dir, which="last").method_arrays()
 
@@ -172,9 +184,11 @@ def _check_finished_run(run_dir: Path, reference_dir: Path, reference_model,
     assert _numbers(history) == _numbers(ref_last["history"])
     _assert_bitwise_equal(last["model"], reference_model.state_dict())
     _assert_bitwise_equal(last["model"], ref_last["model"])
+    _assert_same_average(last, ref_last)
     best, ref_best = (load_checkpoint(d / "best.pt") for d in (run_dir, reference_dir))
     assert best["epoch"] + 1 == _best_epoch(history, metric) == ref_best["epoch"] + 1
     _assert_bitwise_equal(best["model"], ref_best["model"])
+    _assert_same_average(best, ref_best)
     arrays, ref_arrays = _arrays(run_dir), _arrays(reference_dir)
     assert len(arrays) == len(ref_arrays)
     for got, want in zip(arrays, ref_arrays):
@@ -185,11 +199,13 @@ def _check_finished_run(run_dir: Path, reference_dir: Path, reference_model,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, kills", [("pgd_at", 24), ("mixup", 8)])
+@pytest.mark.parametrize("method, extra, kills", [("pgd_at", {}, 24), ("mixup", {}, 8),
+                                                  ("pgd_at", {"ema_decay": 0.5}, 8)],
+                         ids=["pgd_at", "mixup", "pgd_at-ema"])
 def test_sigkill_at_random_instants_then_resume_equals_an_uninterrupted_run(tmp_path, method,
-                                                                            kills):
-    config = dict(TINY, method=method)
-    metric = get_method(method).best_metric
+                                                                            extra, kills):
+    config = dict(TINY, method=method, **extra)
+    metric = best_metric(config)
     train(**{**config, "epochs": 1})  # warm up, so that the reference run's time means something
     t0 = time.perf_counter()
     reference_model, reference = train(run_dir=str(tmp_path / "reference"), **config)
@@ -430,17 +446,22 @@ def test_the_command_line_exits_3_on_a_nonfinite_loss(tmp_path, capsys):
     assert (tmp_path / "run" / "nonfinite.pt").exists()
 
 
-def test_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.5}], ids=["raw", "ema"])
+def test_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path, extra):
     """The window a random kill rarely hits: last.pt of an epoch that is the best so far is
-    written, best.pt still holds an older epoch. Resuming must make best.pt that epoch."""
-    run_dir = tmp_path / "run"
-    train(run_dir=str(run_dir), **SHORT)
+    written, best.pt still holds an older epoch. Resuming must make best.pt that epoch. With
+    weight averaging the average's score decides (the raw model's best is another epoch)."""
+    run_dir, config = tmp_path / "run", dict(SHORT, **extra)
+    train(run_dir=str(run_dir), **config)
     last = load_checkpoint(run_dir / "last.pt")
-    metric = get_method(last["config"]["method"]).best_metric
+    metric = best_metric(last["config"])
+    raw_metric = get_method(last["config"]["method"]).best_metric
     for i, record in enumerate(last["history"]):  # make the final epoch the clear best
         record[metric] = 1.0 if i == last["epoch"] else 0.0
+        if metric != raw_metric:
+            record[raw_metric] = 0.0 if i == last["epoch"] else 1.0
     torch.save(last, run_dir / "last.pt")
     stale = dict(last, epoch=0)  # best.pt as left by the kill: an older epoch
     torch.save(stale, run_dir / "best.pt")
-    train(run_dir=str(run_dir), **SHORT)  # finished: nothing trains, the files are repaired
+    train(run_dir=str(run_dir), **config)  # finished: nothing trains, the files are repaired
     assert load_checkpoint(run_dir / "best.pt")["epoch"] == last["epoch"]

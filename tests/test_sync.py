@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from mixlab import attacks
-from mixlab.data import DeviceLoader, synthetic_dataset
+from mixlab.data import Batch, DeviceLoader, synthetic_dataset
+from mixlab.ema import WeightAverage
 from mixlab.methods import METHODS, AttackSpec, Method, get_method
 from mixlab.methods.mma import anpgd
 from mixlab.models import build_model
@@ -46,13 +47,15 @@ def test_the_guard_lets_device_side_work_through():
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-channels-last"])
 def test_every_method_step_is_free_of_host_syncs(name, bf16, tiny):
-    """The engine's step (loss under autocast, backward, SGD) at the first and last epoch, so
-    that every schedule (GAIRAT's reweighting, FAT's tau, ...) is on in one of them."""
+    """The engine's step (loss under autocast, backward, SGD, the weight average's update) at
+    the first and last epoch, so that every schedule (GAIRAT's reweighting, FAT's tau, ...)
+    is on in one of them."""
     model, x, y = tiny
     if bf16:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(
             memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ema = WeightAverage(model, decay=0.999)
     # the engine's threat model, as train() passes it (3 PGD steps: enough to loop)
     method = get_method(name)(num_train=8, num_classes=10, epochs=4, attack=AttackSpec(steps=3))
     for epoch in (0, 3):
@@ -62,6 +65,27 @@ def test_every_method_step_is_free_of_host_syncs(name, bf16, tiny):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            ema.update(model)
+    assert ema.num_updates == 2
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-channels-last"])
+def test_the_engine_step_with_weight_averaging_is_free_of_host_syncs(bf16, tiny):
+    """``mixlab.train.train_step`` as ``train(ema_decay=...)`` runs it."""
+    from mixlab.train import train_step
+    model, x, y = tiny
+    if bf16:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ema = WeightAverage(model, decay=0.999)
+    method = get_method("pgd_at")(num_train=8, num_classes=10, epochs=1,
+                                  attack=AttackSpec(steps=2))
+    with no_host_sync():
+        for _ in range(2):
+            train_step(method, model, opt, Batch(x, y, torch.arange(8)), epoch=0, bf16=bf16,
+                       ema=ema)
+    assert ema.num_updates == 2
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -133,7 +133,8 @@ def test_method_uses_the_attack_spec_and_beta(net, batch, monkeypatch):
 
 def test_beta_is_a_method_hyperparameter_not_an_engine_setting():
     assert "beta" not in SETTINGS
-    assert resolve_config(method="trades")["method_hp"] == {"beta": 6.0}
+    assert resolve_config(method="trades")["method_hp"] == {"beta": 6.0, "mix": "none",
+                                                            "mix_alpha": 1.0}
     assert resolve_config(method="trades", method_hp={"beta": 1.0})["method_hp"]["beta"] == 1.0
     with pytest.raises(ValueError, match="trades.beta"):
         get_method("trades")(num_train=B, num_classes=K, epochs=1, beta=-1.0)

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, random_init
+from ..attacks import (ascent_step, autocast_for, check_eps, eval_mode, project, random_init,
+                       unwrap)
 from .base import Method, mix, register, sample_lam, soft_cross_entropy
 
 
@@ -91,6 +92,7 @@ def amp_perturb(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor,
     w.r.t. δ (and λ) only, so parameter gradients are untouched. No host syncs.
     """
     check_eps(eps, norm)
+    model = unwrap(model)  # the attack's passes stay out of a DDP wrapper's reducer
     x_a, x_b, y_a, y_b = x_a.detach(), x_b.detach(), y_a.detach(), y_b.detach()
     lam = lam.detach().float()
     if lam_opt:

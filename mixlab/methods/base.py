@@ -4,12 +4,20 @@ A method is a small object because some keep per-example state across epochs (MM
 estimate, GAIRAT's logged kappa), indexed by the dataset indices every batch carries. The
 training loop (``mixlab.train``) exists once and runs any method; adding a method is adding a
 file that subclasses ``Method`` and registers itself with ``@register``.
+
+Under torchrun each process computes the loss on its share of the global batch
+(docs/distributed.md): a batch mean is then the mean over the share, and the gradient average
+of DistributedDataParallel makes it the global batch's. Per-example state kept as tensors of
+length ``num_train`` indexed by ``idx`` is merged across processes by the engine; a statistic
+of the whole batch that is not a mean (GAIRAT's weight normaliser) goes through
+:func:`batch_sum`.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -128,6 +136,8 @@ class Method:
         x: (B, C, H, W) in [0, 1]; y: (B,) labels; idx: (B,) dataset indices; epoch: 0-based.
         The model is in train mode on entry and must be in train mode on return; attacks
         switch it to eval mode themselves. The logits (if given) feed the training accuracy.
+        Under torchrun ``model`` is the DistributedDataParallel wrapper: call it for the
+        training passes and give it to ``mixlab.attacks``, which run the module inside it.
         """
         raise NotImplementedError
 
@@ -138,7 +148,9 @@ class Method:
 
     def evaluate_extra(self, model: torch.nn.Module, x: torch.Tensor,
                        y: torch.Tensor) -> dict[str, float]:
-        """Extra scalars for the epoch record, computed on the evaluation split."""
+        """Extra scalars for the epoch record, each a mean over the examples of ``x``. The
+        engine calls it on chunks of the evaluation split (spread over the processes under
+        torchrun) and records the size-weighted mean of the chunks' values."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -150,6 +162,22 @@ class Method:
 
 
 # ----------------------------------------------------------------------------- shared by methods
+#: how :func:`batch_sum` sums over the processes that share a step's batch; set by
+#: ``mixlab.distributed`` for the duration of a step under torchrun, None otherwise
+_BATCH_SUM: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = \
+    contextvars.ContextVar("batch_sum", default=None)
+
+
+def batch_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t``, a sum over this process's examples of the step, summed over the whole global
+    batch: ``t`` itself in one process; under torchrun, where each process trains on its
+    share of the batch, the sum over every process (an all-reduce, queued like a kernel: no
+    host sync). For batch statistics that are not means, e.g. GAIRAT's weight normaliser.
+    Not differentiable: give it values that need no gradient."""
+    reduce = _BATCH_SUM.get()
+    return t if reduce is None else reduce(t)
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *,
                        reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy against soft labels ``target`` (B, K) that sum to 1, in fp32: the batch

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import early_stopped_pgd, pgd, tau_at
-from .base import RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, Method, register
+from .base import RESNET_SCHEDULE, SMOKE_BUDGET, WRN_SCHEDULE, Method, batch_sum, register
 
 WEIGHT_FNS = ("tanh", "sigmoid", "discrete")
 LAM_SCHEDULES = ("fixed", "linear", "piecewise")
@@ -46,8 +46,10 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float,
         sigmoid:  ω = sigmoid(λ + 5·(h − κ)/h)
         discrete: ω = (K + 1 − κ) / (K + 1)            (λ unused)
 
-    then w = ω · B / Σω. λ = +∞ means "no reweighting" (the burn-in): every weight is 1,
-    whatever ``fn``. Smaller λ concentrates the weight on the smallest κ.
+    then w = ω · B / Σω, the sum and B over the step's whole batch (every process's share
+    under torchrun: :func:`mixlab.methods.base.batch_sum`). λ = +∞ means "no reweighting"
+    (the burn-in): every weight is 1, whatever ``fn``. Smaller λ concentrates the weight on
+    the smallest κ.
 
     Args:
         kappa: (B,) geometry values in {0..steps}, any numeric dtype, on any device.
@@ -68,8 +70,10 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float,
         half = max(steps // 2, 1)
         z = lam + 5 * (half - kappa) / half
         omega = (torch.tanh(z) + 1) / 2 if fn == "tanh" else torch.sigmoid(z)
-    # the floor only matters if every ω underflows to 0 (λ → −∞); mean 1 is kept otherwise
-    return omega * (omega.numel() / omega.sum().clamp_min(torch.finfo(omega.dtype).tiny))
+    # mean 1 over the step's whole batch: under torchrun the sums run over every process's
+    # share (batch_sum). The floor only matters if every ω underflows to 0 (λ → −∞)
+    sums = batch_sum(torch.stack([omega.sum(), omega.new_full((), omega.numel())]))
+    return omega * (sums[1] / sums[0].clamp_min(torch.finfo(omega.dtype).tiny))
 
 
 def lam_at(epoch: int, *, epochs: int, lam: float, begin_epoch: int,

@@ -18,6 +18,9 @@ centre). The label weight is then corrected to the box actually pasted,
 λ_box = 1 − (pasted area)/(H·W), and the loss is λ_box·CE(f(x̃), y_a) + (1 − λ_box)·CE(f(x̃), y_b).
 The boxes of a whole batch are built on the device from coordinate grids (no per-example
 Python loop, no host sync); one box per batch (official code) or per example (``per_example``).
+The mixing operations themselves (``mixup_data``, ``cutmix_boxes``, ``box_mask``,
+``cutmix_data``) live in ``mixlab.methods.mixing``, shared with the adversarial methods that
+mix (docs/baselines.md).
 
 Logged per epoch (``epoch_end``): ``lam``, every λ drawn that epoch, so a finished run shows
 which distribution it trained with (``mixlab.checks.mixup_lambda``); with CutMix also
@@ -25,21 +28,15 @@ which distribution it trained with (``mixlab.checks.mixup_lambda``); with CutMix
 
 >>> model, history = train(method="mixup", method_hp={"alpha": 0.2}, profile="smoke")
 >>> model, history = train(method="mixup", method_hp={"mix": "cutmix"}, profile="smoke")
->>> boxes = cutmix_boxes(lam, 32, 32)                     # (B, 4) [top, bottom, left, right)
->>> x_mix, y_a, y_b, lam_box = cutmix_data(x, y, perm, boxes)
+>>> loss = mixup_criterion(model(x_mix), y_a, y_b, lam)
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .base import Method, mix, register, sample_lam
-
-
-def mixup_data(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor):
-    """Mix each example with its partner ``perm``: returns (x_mix, y_a, y_b).
-    lam: (B,) mixing weights in [0, 1] (weight of the example itself)."""
-    return mix(x, x[perm], lam), y, y[perm]
+from .base import Method, register, sample_lam
+from .mixing import MIXES, cutmix_boxes, cutmix_data, mixup_data
 
 
 def mixup_criterion(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
@@ -49,53 +46,6 @@ def mixup_criterion(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor,
     ce_a = F.cross_entropy(logits, y_a, reduction="none")
     ce_b = F.cross_entropy(logits, y_b, reduction="none")
     return (lam * ce_a + (1 - lam) * ce_b).mean()
-
-
-#: the mixing operations of ``mix``
-MIXES = ("mixup", "cutmix")
-
-
-def cutmix_boxes(lam: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """One random CutMix box per λ: (n, 4) int64 ``[top, bottom, left, right)``, pixel indices
-    with 0 <= top <= bottom <= height and 0 <= left <= right <= width.
-
-    lam: (n,) draws of Beta(α, α) in [0, 1]. The box's unclipped sides are
-    ⌊height·√(1 − λ)⌋ and ⌊width·√(1 − λ)⌋ around a centre drawn uniformly over the pixels;
-    half a side (floored) goes to each side of the centre and the box is clipped to the image
-    (Yun et al. 2019, ``rand_bbox``). The area actually pasted is
-    (bottom − top)·(right − left). On lam's device, no host sync."""
-    n, device = lam.shape[0], lam.device
-    ratio = torch.sqrt((1 - lam.double()).clamp(0, 1))   # float64: ⌊·⌋ as the official int()
-    half_h = (height * ratio).floor().long() // 2
-    half_w = (width * ratio).floor().long() // 2
-    cy = torch.randint(0, height, (n,), device=device)
-    cx = torch.randint(0, width, (n,), device=device)
-    return torch.stack([(cy - half_h).clamp(0, height), (cy + half_h).clamp(0, height),
-                        (cx - half_w).clamp(0, width), (cx + half_w).clamp(0, width)], 1)
-
-
-def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(n, 1, height, width) bool masks, True inside each box ``[top, bottom, left, right)``;
-    built by comparing coordinate grids with the (n, 4) boxes (no loop over examples)."""
-    rows = torch.arange(height, device=boxes.device).reshape(1, height, 1)
-    cols = torch.arange(width, device=boxes.device).reshape(1, 1, width)
-    top, bottom, left, right = (b.reshape(-1, 1, 1) for b in boxes.unbind(1))
-    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-    return inside.unsqueeze(1)
-
-
-def cutmix_data(x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor):
-    """Paste each partner's box into the example: returns (x_mix, y_a, y_b, lam).
-
-    x: (B, C, H, W); y: (B,); perm: (B,) partner indices (x_b = x[perm]); boxes: (B, 4) from
-    :func:`cutmix_boxes` (or hand-made). x_mix takes x[perm] inside the box and x elsewhere;
-    lam (B,) float32 is the weight of the example's own label, 1 − (box area)/(H·W): exactly
-    the fraction of pixels that are still its own."""
-    height, width = x.shape[-2:]
-    x_mix = torch.where(box_mask(boxes, height, width), x[perm], x)
-    area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
-    lam = 1 - area.double() / (height * width)
-    return x_mix, y, y[perm], lam.float()
 
 
 @register

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import (attack_loss, boundary_bisection, estimate_margin, eval_mode, pgd,
-                       pgd_step_size, slm_margin)
+                       pgd_step_size, slm_margin, unwrap)
 from .base import SMOKE_BUDGET, Method, register
 
 #: the paper's CIFAR-10 hinge and starting radius per norm
@@ -88,8 +88,9 @@ def anpgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.T
     x_pgd = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss="slm")
     # u has norm <= 1 (== 1 unless the box clipped it): t·u is a perturbation of size <= t
     direction = (x_pgd - x) / eps.clamp_min(1e-12).reshape(-1, *([1] * (x.dim() - 1)))
-    with eval_mode(model), torch.no_grad():
-        fooled = attack_loss(model(x_pgd), y, margin) >= 0
+    probe = unwrap(model)   # the probe's pass stays out of a DDP wrapper's reducer
+    with eval_mode(probe), torch.no_grad():
+        fooled = attack_loss(probe(x_pgd), y, margin) >= 0
     # the PGD point is one probe already: the boundary lies below eps if it fooled the
     # model, above it otherwise
     eps_star = boundary_bisection(model, x, y, direction, lo=torch.where(fooled, 0.0, eps),

@@ -9,12 +9,13 @@ Calian, Stimberg, Wiles, Mann, "Fixing Data Augmentation to Improve Adversarial 
 2021 (arXiv 2103.01946) train with CutMix (their best augmentation) or mixup. The mixing is
 part of the data augmentation, so it happens *before* the attack: each example is mixed with
 a partner from a batch permutation (λ ~ Beta(α, α) with α = ``mix_alpha``, one λ and, for
-CutMix, one box per example; see ``mixlab.methods.mixup``), and PGD then runs on the mixed
+CutMix, one box per example; see ``mixlab.methods.mixing``), and PGD then runs on the mixed
 image x̃ with the mixed soft label ỹ = λ·y_a + (1 − λ)·y_b (CutMix: λ corrected to the pasted
 area). The ball is centred on x̃ (‖x_adv − x̃‖ ≤ ε, x_adv in [0, 1]) and the attack maximises
 the soft-label CE(f(x_adv), ỹ); the training loss is the same soft-label CE at x_adv. With
 ``mix="none"`` this is plain PGD-AT on the clean batch, unchanged. Rebuffi et al. pair mixing
-with weight averaging of the model (``mixlab.ema``), which is where most of its gain shows.
+with weight averaging of the model (the engine setting ``ema_decay``, ``mixlab.ema``), which is
+where most of its gain shows (docs/baselines.md).
 
 Logged per epoch with mixing (``epoch_end``): ``lam``, every λ drawn (Beta(α, α)), and with
 CutMix ``lam_box``, the area-corrected label weights.
@@ -30,30 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import pgd
-from .base import Method, register, sample_lam, soft_cross_entropy
-from .mixup import MIXES, cutmix_boxes, cutmix_data, mixup_data
-
-
-def mix_batch(x: torch.Tensor, y: torch.Tensor, *, mix: str, alpha: float,
-              num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mix every example with a partner from a batch permutation, one λ per example.
-
-    Returns (x_mix (B, C, H, W), y_soft (B, K) = λ·onehot(y) + (1 − λ)·onehot(y[perm]),
-    lam (B,) the weight of the example's own label (CutMix: area-corrected), lam_drawn (B,)
-    the Beta(α, α) draws). On x's device, no host sync."""
-    batch = x.shape[0]
-    lam_drawn = sample_lam(alpha, batch, x.device)
-    perm = torch.randperm(batch, device=x.device)
-    if mix == "cutmix":
-        boxes = cutmix_boxes(lam_drawn, x.shape[-2], x.shape[-1])
-        x_mix, y_a, y_b, lam = cutmix_data(x, y, perm, boxes)
-    else:
-        x_mix, y_a, y_b = mixup_data(x, y, lam_drawn, perm)
-        lam = lam_drawn
-    w = lam.reshape(-1, 1)
-    y_soft = (w * F.one_hot(y_a, num_classes).float()
-              + (1 - w) * F.one_hot(y_b, num_classes).float())
-    return x_mix, y_soft, lam, lam_drawn
+from .base import Method, register, soft_cross_entropy
+from .mixing import MIXES, mix_batch
 
 
 @register

@@ -32,10 +32,28 @@ after the first step), and the threat model is mixlab's (``attack``: 8/255 Linf 
 the official CIFAR-10 script uses ε = 0.031, step 0.007, 10 steps, which the ``paper``
 profile's step size follows).
 
+Mixing (``mix``, default "none"): TRADES on mixed images, as Rebuffi, Gowal, Calian,
+Stimberg, Wiles, Mann, "Fixing Data Augmentation to Improve Adversarial Robustness", 2021
+(arXiv 2103.01946) pair CutMix with TRADES. The mixing is data augmentation, so it happens
+*before* the attack: each example is mixed with a partner from a batch permutation
+(λ ~ Beta(α, α), α = ``mix_alpha``, one λ and, for CutMix, one box per example;
+``mixlab.methods.mixing.mix_batch``), giving x̃ and the soft label ỹ = λ·y_a + (1 − λ)·y_b
+(CutMix: λ corrected to the pasted area). Then everything above runs on x̃: the KL attack
+starts at x̃ and stays in the ball around it, and the loss is
+
+    CE_soft(f(x̃), ỹ) + β · KL(p(x̃) ‖ p(x̃')),   CE_soft(z, ỹ) = −Σ_k ỹ_k log softmax(z)_k,
+
+the clean term against the mixed soft label (one forward pass of x̃ serves both terms). The
+training accuracy is not reported with mixing (the labels are mixed). Logged per epoch with
+mixing (``epoch_end``): ``lam``, every λ drawn, and with CutMix ``lam_box``. With
+``mix="none"`` this is TRADES on the clean batch, unchanged. Rebuffi et al. average the
+weights too (the engine setting ``ema_decay``; docs/baselines.md).
+
 Distance measure: Linf (default) or L2, pixel units; pixels in [0, 1].
-Shapes: x (B, C, H, W) in [0, 1]; y (B,) int64; logits (B, K).
+Shapes: x (B, C, H, W) in [0, 1]; y (B,) int64; logits (B, K); soft labels (B, K).
 
 >>> model, history = train(method="trades", method_hp={"beta": 6.0}, profile="smoke")
+>>> model, history = train(method="trades", method_hp={"mix": "cutmix"}, profile="smoke")
 >>> x_adv = trades_perturb(model, x, eps=8/255, step_size=2/255, steps=10)
 >>> loss = trades_loss(model(x), model(x_adv), y, beta=6.0)
 """
@@ -44,8 +62,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project
-from .base import SMOKE_BUDGET, Method, register
+from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, unwrap
+from .base import SMOKE_BUDGET, Method, register, soft_cross_entropy
+from .mixing import MIXES, mix_batch
 
 #: std of the Gaussian start around x, pixel units (the official code's 0.001)
 INIT_STD = 0.001
@@ -89,7 +108,7 @@ def trades_perturb(model: torch.nn.Module, x: torch.Tensor, *, eps, step_size, s
     No host syncs, no per-example Python loops; ``param.grad`` is never touched.
     """
     check_eps(eps, norm, positive=True)
-    x = x.detach()
+    model, x = unwrap(model), x.detach()   # the attack's passes stay out of a DDP wrapper
     with eval_mode(model), autocast_for(x, bf16):
         with torch.no_grad():
             log_p = F.log_softmax(model(x).float(), dim=1)  # the fixed target p(x)
@@ -121,7 +140,9 @@ class TRADES(Method):
     name = "trades"
     # the ball, the PGD step and steps are the engine's threat model (self.attack)
     defaults = {
-        "beta": 6.0,     # β, weight of the KL (robustness) term; 1/λ in the paper
+        "beta": 6.0,         # β, weight of the KL (robustness) term; 1/λ in the paper
+        "mix": "none",       # "none", or mix before the attack: "cutmix" | "mixup"
+        "mix_alpha": 1.0,    # Beta(α, α) concentration of the mixing ratio (with mix only)
     }
     profiles = {
         "smoke": dict(SMOKE_BUDGET),
@@ -138,11 +159,40 @@ class TRADES(Method):
         if not hp["beta"] >= 0:
             raise ValueError(f"trades.beta={hp['beta']!r} must be >= 0 (weight of the KL "
                              f"term; 6 in Zhang et al.; 0 trains on clean CE alone)")
+        if hp["mix"] not in ("none", *MIXES):
+            raise ValueError(f"trades.mix={hp['mix']!r} is not one of {['none', *MIXES]}")
+        if not hp["mix_alpha"] > 0:
+            raise ValueError(f"trades.mix_alpha={hp['mix_alpha']!r} must be > 0 "
+                             f"(Beta(alpha, alpha) concentration; 1 is uniform λ)")
         return hp
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._log: dict[str, list[torch.Tensor]] = {}  # this epoch's λ (device tensors)
 
     def loss(self, model, x, y, idx, *, epoch):
         a = self.attack
-        x_adv = trades_perturb(model, x, eps=a.eps, step_size=a.step_size, steps=a.steps,
+        if self.hp["mix"] == "none":
+            x_adv = trades_perturb(model, x, eps=a.eps, step_size=a.step_size, steps=a.steps,
+                                   norm=a.norm)
+            logits = model(x)
+            return trades_loss(logits, model(x_adv), y, beta=self.hp["beta"]), logits
+        # mixing is augmentation: it comes first, and the attack and both terms see x̃
+        x_mix, y_soft, lam, lam_drawn = mix_batch(x, y, mix=self.hp["mix"],
+                                                  alpha=self.hp["mix_alpha"],
+                                                  num_classes=self.num_classes)
+        self._log.setdefault("lam", []).append(lam_drawn.detach())
+        if self.hp["mix"] == "cutmix":
+            self._log.setdefault("lam_box", []).append(lam.detach())
+        x_adv = trades_perturb(model, x_mix, eps=a.eps, step_size=a.step_size, steps=a.steps,
                                norm=a.norm)
-        logits = model(x)
-        return trades_loss(logits, model(x_adv), y, beta=self.hp["beta"]), logits
+        logits = model(x_mix)
+        loss = (soft_cross_entropy(logits, y_soft)
+                + self.hp["beta"] * kl_clean_adv(logits, model(x_adv)))
+        return loss, None
+
+    def epoch_end(self, epoch):
+        # one host copy per epoch
+        out = {key: torch.cat(v).float().cpu().numpy() for key, v in self._log.items() if v}
+        self._log = {}
+        return out

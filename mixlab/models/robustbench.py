@@ -591,12 +591,16 @@ def robustbench_state_dict(model: nn.Module) -> tuple[OrderedDict, dict[str, Any
     return rb, info
 
 
-def _eval_results(run_dir: Path | None) -> list[tuple[Path, dict]]:
-    """Evaluation results (``mixlab.evaluate`` JSON files) found in a run directory."""
+def _eval_results(run_dir: Path | None, weights: str = "raw") -> list[tuple[Path, dict]]:
+    """Evaluation results (``mixlab.evaluate`` JSON files) found in a run directory: of the
+    averaged weights (``weights="ema"``: files named ``*_ema.json``, as ``python -m mixlab
+    eval --weights ema`` writes them) or of the raw ones (every other file)."""
     if run_dir is None or not run_dir.is_dir():
         return []
     found = []
     for f in sorted(run_dir.glob("*.json")):
+        if f.stem.endswith("_ema") != (weights == "ema"):
+            continue
         try:
             data = json.loads(f.read_text())
         except (OSError, ValueError):
@@ -678,15 +682,18 @@ def export_robustbench(run, out_dir, *, name: str | None = None,
     """Write a trained mixlab run as a RobustBench-loadable state dict and a model card.
 
     Args:
-        run: a ``mixlab.train.Run`` (``mixlab.load_run(path)``): ``model``, ``config``,
-            ``path``, ``which``, ``epoch``. Its model must be ``wrn-<d>-<k>`` or
-            ``preactresnet18`` (or one from :func:`load_robustbench`).
+        run: a ``mixlab.runs.Run`` (``mixlab.load_run(path)``): ``model``, ``config``,
+            ``path``, ``which``, ``epoch`` and ``weights`` ("raw", or "ema" for the averaged
+            weights of a run trained with ``ema_decay``: ``load_run(path, weights="ema")``).
+            Its model must be ``wrn-<d>-<k>`` or ``preactresnet18`` (or one from
+            :func:`load_robustbench`).
         out_dir: folder to write into (created).
         name: the file stem (RobustBench looks a model up as ``<name>.pt``); default
             ``mixlab_<method>_<arch>``.
         result: the evaluation to report (a ``mixlab.evaluate`` result dict or its JSON path);
-            default: the run directory's evaluation with the run's threat model, AutoAttack
-            first, then the most test images. None found: accuracies are left out.
+            default: the run directory's evaluation of the same weights (raw, or averaged:
+            files ``*_ema.json``) with the run's threat model, AutoAttack first, then the most
+            test images. None found: accuracies are left out.
         check: reload the written state dict with :func:`load_robustbench` and compare its
             logits with the run's model on a fixed random batch (recorded in the card).
     Returns:
@@ -698,6 +705,7 @@ def export_robustbench(run, out_dir, *, name: str | None = None,
     own entries) and the data caveat. Every file is written atomically.
 
     >>> paths = export_robustbench(mixlab.load_run("runs/trades"), "export/trades")
+    >>> paths = export_robustbench(mixlab.load_run("runs/ema", weights="ema"), "export/ema")
     """
     model, cfg = run.model, dict(run.config)
     out_dir = Path(out_dir)
@@ -707,8 +715,9 @@ def export_robustbench(run, out_dir, *, name: str | None = None,
         raise ValueError(f"name={name!r} must be a plain file stem (letters, digits, _ . -)")
     run_dir = Path(run.path) if getattr(run, "path", None) is not None else None
     eps, norm = float(cfg.get("eps", 8 / 255)), str(cfg.get("norm", "Linf"))
+    weights = str(getattr(run, "weights", "raw"))
     if result is None:
-        picked = _pick_result(_eval_results(run_dir), eps, norm)
+        picked = _pick_result(_eval_results(run_dir, weights), eps, norm)
         result_file, result = picked if picked else (None, None)
     elif isinstance(result, (str, Path)):
         result_file, result = Path(result), json.loads(Path(result).read_text())
@@ -770,7 +779,8 @@ def export_robustbench(run, out_dir, *, name: str | None = None,
         "training": {"method": cfg.get("method"), "method_hp": cfg.get("method_hp"),
                      "epochs": cfg.get("epochs"), "model": cfg.get("model"),
                      "profile": cfg.get("profile"), "checkpoint": getattr(run, "which", None),
-                     "epoch": getattr(run, "epoch", None),
+                     "epoch": getattr(run, "epoch", None), "weights": weights,
+                     "ema_decay": cfg.get("ema_decay"),
                      "run_dir": str(run_dir) if run_dir else None},
         "accuracy": accuracy,
         "data_source": data_source,
@@ -815,7 +825,9 @@ def _card_markdown(card: Mapping[str, Any], snippet: str) -> str:
         f"std {_floats(arch['std'])}",
         f"- **Training:** mixlab method `{train['method']}`, hyperparameters "
         f"`{json.dumps(train['method_hp'])}`, {train['epochs']} epochs; checkpoint "
-        f"`{train['checkpoint']}` (epoch {train['epoch']})",
+        f"`{train['checkpoint']}` (epoch {train['epoch']})"
+        + (f"; weights averaged over training (EMA, decay {train['ema_decay']})"
+           if train.get("weights") == "ema" else ""),
     ]
     if acc is None:
         lines.append("- **Accuracy:** no evaluation with this threat model was found in the "
