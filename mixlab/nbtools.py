@@ -159,6 +159,8 @@ PARAMS: dict[str, Param] = {
     "methods": Param("strs", "training methods (mixlab.methods.METHODS)", choices=_methods),
     "lams": Param("floats", "λ values of the weight functions"),
     "alphas": Param("floats", "mixup Beta(α, α) parameters", low=0, low_open=True),
+    "ema_decay": Param("float", "weight averaging: decay of the moving average of the weights "
+                       "(the engine setting ema_decay, in [0, 1)), e.g. 0.999", low=0),
     "d_max": Param("float", "MMA's hinge, pixel units; 0: the paper's", low=0),
     "clean_coeff": Param("float", "MMA's clean-loss weight c in [0, 1]; < 0: the paper's 1/3"),
     "image_index": Param("int", "test image index", low=0),
@@ -442,6 +444,19 @@ def checkpoint_label(name: str, run) -> str:
     return f"{name} ({run.which}, ep {run.epoch})"
 
 
+def _weights(run) -> str:
+    """Which weights of its checkpoint a loaded run holds: ``"raw"`` or ``"ema"`` (the
+    average of a run trained with ``ema_decay``; :func:`mixlab.runs.load_run`)."""
+    return getattr(run, "weights", "raw")
+
+
+def _result_name(run) -> str:
+    """The file stem of a checkpoint's evaluation in its run folder: ``test_best``, and
+    ``test_best_ema`` for the averaged weights (the ``*_ema.json`` that ``python -m mixlab
+    export --weights ema`` reports, as ``python -m mixlab eval --weights ema`` names it)."""
+    return f"test_{run.which}" + ("_ema" if _weights(run) == "ema" else "")
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -485,10 +500,15 @@ def evaluation_settings(**evaluate_kw: Any) -> dict[str, Any]:
 
 def checkpoint_fingerprint(run) -> dict[str, Any]:
     """What identifies the checkpoint a loaded run came from: its file name, which (best or
-    last), epoch, size and the SHA-256 of its bytes."""
+    last), epoch, size and the SHA-256 of its bytes, and ``weights: "ema"`` when the run holds
+    the checkpoint's averaged weights (one file holds both: the raw weights and their average
+    are two models, never one cache entry)."""
     ckpt = Path(run.path) / f"{run.which}.pt"
-    return {"file": ckpt.name, "which": run.which, "epoch": run.epoch,
-            "size": ckpt.stat().st_size, "sha256": _sha256_file(ckpt)}
+    found = {"file": ckpt.name, "which": run.which, "epoch": run.epoch,
+             "size": ckpt.stat().st_size, "sha256": _sha256_file(ckpt)}
+    if _weights(run) != "raw":  # raw keeps the key it always had: earlier caches stay valid
+        found["weights"] = _weights(run)
+    return found
 
 
 def tensor_fingerprint(*tensors: torch.Tensor) -> dict[str, Any]:
@@ -557,7 +577,7 @@ def evaluation_key(run, x: torch.Tensor, y: torch.Tensor, **evaluate_kw: Any) ->
 
 def _cache_path(run, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(run.path) / EVAL_CACHE_DIR / f"test_{run.which}-{digest}.json"
+    return Path(run.path) / EVAL_CACHE_DIR / f"{_result_name(run)}-{digest}.json"
 
 
 def _load_cached(path: Path, key: dict[str, Any], n: int) -> dict[str, Any] | None:
@@ -603,7 +623,8 @@ def evaluate_checkpoint(name: str, run, x: torch.Tensor, y: torch.Tensor, *,
     folder when an evaluation with the same key (:func:`evaluation_key`) is there, else
     computed and cached. Prints one line, ``evaluating <row> ...`` or ``loaded cached
     evaluation <row> ...``. The result is also written to ``<run>/test_<which>.json`` (and to
-    ``test_<also>.json`` when ``also`` names another checkpoint that is the same one).
+    ``test_<also>.json`` when ``also`` names another checkpoint that is the same one); a run
+    loaded with its averaged weights (``weights="ema"``) writes ``test_<which>_ema.json``.
     ``progress``: the evaluation's progress bars (not part of the cache key)."""
     from .evaluate import evaluate
 
@@ -614,16 +635,17 @@ def evaluate_checkpoint(name: str, run, x: torch.Tensor, y: torch.Tensor, *,
     result = _load_cached(path, key, len(x))
     if result is not None:
         print(f"loaded cached evaluation {label} from {path}", flush=True)
-        _save_quietly(result, Path(run.path) / f"test_{run.which}.json", "the evaluation")
+        _save_quietly(result, Path(run.path) / f"{_result_name(run)}.json", "the evaluation")
     else:
         settings = key["settings"]
         print(f"evaluating {label} on {len(x)} images: {', '.join(settings['attacks'])} "
               f"(eps {settings['eps']:.4g}, {settings['norm']})", flush=True)
-        result = evaluate(run.model, x, y, run_dir=run.path, name=f"test_{run.which}",
+        result = evaluate(run.model, x, y, run_dir=run.path, name=_result_name(run),
                           progress=progress, **evaluate_kw)
         _save_quietly({**result, "cache_key": key}, path, "the cached evaluation")
     if also is not None and result.get("saved_to"):
-        _save_quietly(result, Path(run.path) / f"test_{also}.json", "the evaluation")
+        suffix = "_ema" if _weights(run) == "ema" else ""
+        _save_quietly(result, Path(run.path) / f"test_{also}{suffix}.json", "the evaluation")
     return result
 
 
@@ -642,12 +664,16 @@ def evaluate_checkpoints(name: str, run, x: torch.Tensor, y: torch.Tensor, *,
     evaluates again, and a cache file that does not parse or does not carry the key is
     ignored (with a printed line), never trusted. One line per checkpoint says which
     happened. Each result is also written as ``test_<which>.json`` in the run folder.
+    Both checkpoints are evaluated with the weights ``run`` holds: a run loaded with
+    ``weights="ema"`` gives the averaged model of each (files ``test_<which>_ema.json``).
     ``progress=False`` hides the evaluation's progress bars (a notebook's ``quiet``)."""
     from .runs import load_run
 
     evaluation_settings(**evaluate_kw)  # a bad keyword fails before any checkpoint loads
-    best = run if run.which == "best" else load_run(run.path, which="best", device=x.device)
-    last = load_run(run.path, which="last", device=x.device)
+    weights = _weights(run)
+    best = run if run.which == "best" else load_run(run.path, which="best", device=x.device,
+                                                    weights=weights)
+    last = load_run(run.path, which="last", device=x.device, weights=weights)
     rows = {}
     if last.epoch == best.epoch:  # the same checkpoint: its result is the last one's too
         result = evaluate_checkpoint(name, best, x, y, also="last", progress=progress,

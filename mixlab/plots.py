@@ -108,6 +108,47 @@ def validation_curves(runs: Mapping[str, Any], *, eval_steps: int,
     return fig
 
 
+def averaging_curves(runs: Mapping[str, Any], *, eval_steps: int):
+    """Raw weights against their average (``ema_decay``) during training: validation accuracy
+    against the epoch, clean (left) and PGD (right), the average solid (``ema_val_clean``,
+    ``ema_val_robust``) and the raw weights dashed (``val_clean``, ``val_robust``) in one
+    colour per run, a star at each run's selected epoch on the average's PGD curve (the
+    average selects ``best.pt``). Runs whose history has no ``ema_val_robust`` (trained
+    without averaging) are left out; none with it is a ValueError."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    averaged = {name: run for name, run in runs.items()
+                if any(h.get("ema_val_robust") is not None for h in run.history)}
+    if not averaged:
+        raise ValueError(f"none of the runs {list(runs)} logged ema_val_robust: train with "
+                         f"ema_decay set to compare raw and averaged weights")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), sharex=True)
+    n_val = None
+    for name, run in averaged.items():
+        ep = [h["epoch"] for h in run.history]
+        color = None
+        for ax, key, what in [(axes[0], "val_clean", "clean"),
+                              (axes[1], "val_robust", f"PGD-{eval_steps}")]:
+            line, = ax.plot(ep, [h.get(f"ema_{key}") for h in run.history], marker="o",
+                            color=color, label=f"{name} average")
+            color = line.get_color()
+            ax.plot(ep, [h.get(key) for h in run.history], ls="--", marker=".", color=color,
+                    label=f"{name} raw")
+            ax.set(xlabel="epoch", title=f"validation {what}")
+        selected = next(h["ema_val_robust"] for h in run.history if h["epoch"] == run.epoch)
+        axes[1].plot([run.epoch], [selected], "*", ms=14, color=color,
+                     label=f"{name} selected")
+        n_val = run.config.get("eval_subset") or run.config.get("val_size")
+    axes[0].set_ylabel(f"accuracy (n={n_val})")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("weight averaging: the average (solid) and the raw weights (dashed)")
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- images
 def image_rows(rows: Sequence[tuple[str, Sequence[Any], Sequence[str]]], *,
                title: str = "", width: float = 14, gray: bool = False):

@@ -46,6 +46,7 @@ _GAIRAT_README = ("README of the official code, "
 _GAIRAT_SETTING = ("CIFAR-10, Linf 8/255, WRN-32-10, 120 epochs, best checkpoint; PGD-20 and "
                    "PGD+ (5 restarts of PGD-40); no FGSM, CW-20 or AutoAttack reported")
 _MMA = "Ding et al., ICLR 2020, arXiv 1812.02637"
+_TRADES = "Zhang et al., ICML 2019, arXiv 1901.08573"
 
 #: paper key -> its reported results (the notebooks' reference rows)
 REFERENCES: dict[str, tuple[Reference, ...]] = {
@@ -67,6 +68,14 @@ REFERENCES: dict[str, tuple[Reference, ...]] = {
                   "RobustBench L2 leaderboard, entry Ding2020MMA",
                   "CIFAR-10, L2 0.5, WRN-28-4, MMA-2.0 (d_max 2.0), full test set, "
                   "AutoAttack standard", label="paper: MMA-2.0 (RobustBench)"),
+    ),
+    "trades": (
+        # RobustBench's evaluation of the authors' checkpoint; the paper's own robust number
+        # (RobustBench's "reported", 56.43) is under the paper's attacks, not AutoAttack
+        Reference(_TRADES, "trades", "cifar10", "Linf", dict(clean=0.8492, aa=0.5308),
+                  "RobustBench Linf leaderboard, entry Zhang2019Theoretically",
+                  "CIFAR-10, Linf eps 0.031 (about 7.9/255, not 8/255), WRN-34-10, β = 6, "
+                  "full test set, AutoAttack standard", label="paper: TRADES β=6 (RobustBench)"),
     ),
 }
 

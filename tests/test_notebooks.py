@@ -547,6 +547,52 @@ def test_evaluation_progress_is_not_part_of_the_cache_key(tmp_path, monkeypatch)
     assert seen == [True] and again["clean"] == first["clean"]
 
 
+def test_averaged_weights_are_evaluated_and_cached_as_their_own_model(tmp_path, monkeypatch):
+    """A run trained with weight averaging is two models in one checkpoint file: loaded with
+    weights="ema", both of its checkpoints are evaluated with the average (not the raw weights
+    of the last one), cached under their own key (an evaluation of the raw weights never
+    answers for the average, nor the reverse) and written as test_<which>_ema.json."""
+    import torch
+
+    import mixlab.evaluate
+    from mixlab.runs import load_run
+
+    settings = dict(method="erm", dataset="synthetic", model="tiny", epochs=2, batch_size=32,
+                    train_subset=128, val_size=32, eval_steps=0, ema_decay=0.9, device="cpu",
+                    quiet=True)
+    ema = nbtools.train_or_load(run_dir=tmp_path / "run", weights="ema", **settings)
+    raw = load_run(tmp_path / "run", weights="raw")
+    assert ema.weights == "ema" and raw.weights == "raw"
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    kw = dict(attacks=("clean", "fgsm"), eps=8 / 255)
+    key_raw, key_ema = (nbtools.evaluation_key(r, x, y, **kw) for r in (raw, ema))
+    assert key_ema["checkpoint"]["weights"] == "ema" and "weights" not in key_raw["checkpoint"]
+
+    evaluated = []
+    real = mixlab.evaluate.evaluate
+
+    @functools.wraps(real)
+    def recording(model, *args, **kwargs):
+        evaluated.append((kwargs["name"], {k: v.clone() for k, v in model.state_dict().items()}))
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(mixlab.evaluate, "evaluate", recording)
+
+    nbtools.evaluate_checkpoints("erm", raw, x, y, progress=False, **kw)
+    n_raw = len(evaluated)
+    nbtools.evaluate_checkpoints("erm", ema, x, y, progress=False, **kw)
+    assert len(evaluated) == 2 * n_raw, "the raw weights' cache answered for the average"
+    for name, state in evaluated[n_raw:]:
+        which = name.removeprefix("test_").removesuffix("_ema")
+        assert name.endswith("_ema") and which in ("best", "last")
+        expected = torch.load(tmp_path / "run" / f"{which}.pt", weights_only=True)["ema"]["model"]
+        assert all(torch.equal(state[k], expected[k]) for k in expected), name
+    for which in ("best", "last"):
+        assert (tmp_path / "run" / f"test_{which}.json").exists()
+        assert (tmp_path / "run" / f"test_{which}_ema.json").exists()
+    nbtools.evaluate_checkpoints("erm", ema, x, y, progress=False, **kw)   # now cached
+    assert len(evaluated) == 2 * n_raw
+
+
 # ----------------------------------------------------------------------------- jobs
 def test_notebook_jobs_run_mma_for_both_datasets(monkeypatch, capsys):
     """`--only mma` runs the MMA notebook twice, as mma_cifar10 and mma_mnist with their

@@ -77,6 +77,25 @@ def test_validation_curves_star_the_selected_epoch():
     assert "n=256" in ax.get_ylabel()
 
 
+def test_averaging_curves_draw_average_and_raw_and_skip_unaveraged_runs():
+    averaged = [dict(h, ema_val_clean=h["val_clean"] + 0.01, ema_val_robust=h["val_robust"] + 0.02)
+                for h in _history()]
+    runs = {"ema": _Run(averaged, 2), "plain": _Run(_history(), 3)}
+    fig = plots.averaging_curves(runs, eval_steps=5)
+    ax_clean, ax_pgd = fig.axes
+    clean, pgd = _lines(ax_clean), _lines(ax_pgd)
+    assert np.allclose(clean["ema average"], [0.21, 0.41, 0.61])
+    assert np.allclose(clean["ema raw"], [0.2, 0.4, 0.6])
+    assert np.allclose(pgd["ema average"], [0.07, 0.12, 0.17])
+    assert np.allclose(pgd["ema raw"], [0.05, 0.1, 0.15])
+    star = next(line for line in ax_pgd.lines if line.get_label() == "ema selected")
+    assert list(star.get_xdata()) == [2] and np.allclose(star.get_ydata(), [0.12])
+    assert not any(label.startswith("plain") for label in {**clean, **pgd})
+    assert "PGD-5" in ax_pgd.get_title() and "n=256" in ax_clean.get_ylabel()
+    with pytest.raises(ValueError, match="ema_decay"):
+        plots.averaging_curves({"plain": runs["plain"]}, eval_steps=5)
+
+
 def test_accuracy_bars_heights_in_column_order():
     rows = {"m1": dict(clean=0.5, pgd20=0.25, robust=0.2), "m2": dict(clean=0.75, robust=0.5)}
     fig = plots.accuracy_bars(rows, columns=("clean", "pgd20", "robust"))

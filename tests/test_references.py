@@ -49,6 +49,16 @@ def test_rows_by_paper_dataset_norm_and_methods():
     assert len(references("gairat")) == 4
 
 
+def test_trades_is_robustbenchs_entry():
+    """TRADES (β = 6, WRN-34-10): clean and AutoAttack as RobustBench lists the authors'
+    checkpoint; no PGD number (the paper's own came from other attacks)."""
+    rows = reference_rows("trades", dataset="cifar10", norm="Linf", methods=["trades"])
+    (label, row), = rows.items()
+    assert "RobustBench" in label and "Zhang2019Theoretically" in row["source"]
+    assert {k: v for k, v in row.items() if k != "source"} == {"clean": 0.8492, "aa": 0.5308}
+    assert reference_rows("trades", norm="L2") == {}
+
+
 def test_an_unknown_paper_names_the_known_ones():
     with pytest.raises(ValueError, match="'amp'.*gairat, mma"):
         references("amp")
