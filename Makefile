@@ -73,7 +73,7 @@ test: setup data browser
 notebooks: setup data
 	$(PY) -m mixlab.notebooks --profile $(PROFILE)
 
-# The committed results: every notebook in the cpu profile (about an hour on two idle cores),
+# The committed results: every notebook in the cpu profile (one to two hours on two cores),
 # figures and tables into figures/ (*_cpu.png with their JSON sidecars). AMP's ablation runs
 # its base variant; the margin explorer opens AMP's ERM and PGD-AT runs instead of training
 # its own; MMA runs on MNIST, the dataset its cpu preset is sized for.
@@ -86,7 +86,7 @@ evidence: setup data
 	$(PY) -m mixlab.notebooks --profile cpu --only margin_explorer -p quiet=true \
 	    -p 'run_dirs={"erm": "$(AMP_CPU_RUNS)/erm", "pgd_at": "$(AMP_CPU_RUNS)/pgd_at"}'
 	$(PY) -m mixlab.notebooks --profile cpu --only quickstart gairat_cifar10 mma_mnist \
-	    mixup_theory -p quiet=true
+	    mixup_theory baselines_cifar10 -p quiet=true
 
 bench: setup
 	$(PY) -m mixlab.bench $(if $(filter smoke,$(PROFILE)),--quick,)
