@@ -25,7 +25,13 @@ Rows:
 
 Then ratios from the same run (method / ceiling, pgd_at / reference, method / pgd_at; see
 ``mixlab.bench_report``), evaluation throughput (PGD-20 and AutoAttack through
-``mixlab.evaluate.evaluate``) and peak GPU memory per row. The bench prints measurements and
+``mixlab.evaluate.evaluate``) and peak GPU memory per row.
+
+Scaling (``--nproc N``): every method row runs again through torch's elastic launcher (what
+torchrun runs), once on one process and once on N, one device each, with ``batch_size``
+examples per device (global batch N·batch_size) and the engine's multi-process step
+(``mixlab.distributed``); the result's ``scaling`` gives images per second in all and per
+device, and the scaling efficiency, (N-process img/s) / (N × one-process img/s), wall-clock. The bench prints measurements and
 ratios only; the speeds mixlab is built to reach on a GPU are in docs/benchmark.md. The JSON goes
 to ``results/bench-<device>-<date>.json`` with the settings, versions, device and git commit.
 
@@ -36,6 +42,7 @@ ratios are meaningful; the output says "CPU" wherever it could be mistaken for a
 >>> python -m mixlab.bench --arch wrn-32-10 --compile
 >>> python -m mixlab.bench --quick                            # CPU, tiny sizes, < 60 s
 >>> python -m mixlab.bench --methods pgd_at,gairat --profiler-rows gairat   # top ops of gairat's steps
+>>> python -m mixlab.bench --methods pgd_at --nproc 8         # scaling over 8 GPUs
 """
 from __future__ import annotations
 
@@ -44,8 +51,10 @@ import datetime
 import gc
 import importlib.metadata
 import itertools
+import os
 import platform
 import re
+import socket
 import sys
 import time
 import traceback
@@ -55,6 +64,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
+from . import distributed
 from .attacks import predict
 from .bench_reference import reference_loader, reference_step
 from .bench_report import format_bench_table, jsonable, ratios, write_result
@@ -110,6 +120,8 @@ BENCH_DEFAULTS: dict[str, Any] = dict(
     device="auto",          # auto | cpu | cuda | cuda:N
     seed=0,                 # seeds data, models and attacks
     quick=False,            # tiny sizes (QUICK): runs on a CPU in well under a minute
+    nproc=None,             # processes of the scaling rows (one device each; see the module
+                            # docstring); None: no scaling rows
 )
 
 #: --quick: a tiny model and a few small steps, for the test suite and CPU smoke runs. AutoAttack
@@ -166,6 +178,14 @@ def resolve_settings(**overrides: Any) -> dict[str, Any]:
             cfg[key] = value
     if cfg["ref_batch_size"] is None:
         cfg["ref_batch_size"] = 128 if gpu else cfg["batch_size"]
+    if cfg["nproc"] is not None:
+        if isinstance(cfg["nproc"], bool) or not isinstance(cfg["nproc"], int) \
+                or cfg["nproc"] < 2:
+            raise ValueError(f"nproc={cfg['nproc']!r} must be a whole number >= 2 (processes "
+                             f"of the scaling rows), or None for none")
+        if gpu and cfg["nproc"] > torch.cuda.device_count():
+            raise ValueError(f"nproc={cfg['nproc']} but this machine shows "
+                             f"{torch.cuda.device_count()} GPU(s): one process per GPU")
     if cfg["clock"] not in CLOCKS:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {cfg['clock']!r}")
     if cfg["dataset"] not in ("auto", "cifar10", "synthetic"):
@@ -360,6 +380,43 @@ def method_step(method: Method, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 # ----------------------------------------------------------------------------- the bench
+def _datasets(cfg: dict[str, Any]):
+    """(train split, test split) of the bench, on the CPU."""
+    name = cfg["dataset"]
+    if name == "auto":
+        real = data_mod.find_dataset("cifar10", "train") is not None
+        name = "cifar10" if real else "synthetic"
+    if name == "cifar10":
+        train_ds = data_mod.load_dataset("cifar10", "train")
+        test_ds = data_mod.load_dataset("cifar10", "test")
+        if cfg["train_n"]:
+            train_ds = train_ds.subset(cfg["train_n"], seed=cfg["seed"])
+    else:
+        n_test = max(cfg["eval_n"], cfg["aa_n"], cfg["eval_batch_size"], 1)
+        train_ds = data_mod.synthetic_dataset(cfg["train_n"] or 50_000, seed=cfg["seed"])
+        test_ds = data_mod.synthetic_dataset(n_test, seed=cfg["seed"], split="test")
+    return train_ds, test_ds
+
+
+def _new_model(cfg: dict[str, Any], train_ds, device: torch.device) -> torch.nn.Module:
+    info = data_mod.dataset_info(train_ds.name)
+    return build_model(cfg["arch"], train_ds.num_classes, train_ds.x.shape[1],
+                       mean=info["mean"], std=info["std"]).to(device)
+
+
+def _new_method(name: str, cfg: dict[str, Any], train_ds):
+    """The method as the engine builds it: hyperparameters from ``resolve_config`` (the
+    method's defaults; the threat model, with ``steps`` = the bench's PGD steps, as an
+    AttackSpec). Returns (method, hyperparameters)."""
+    cls = get_method(name)
+    run = resolve_config(method=name, dataset=train_ds.name, epochs=cfg["epochs"],
+                         steps=cfg["pgd_steps"])
+    hp = run["method_hp"]
+    method = cls(num_train=len(train_ds), num_classes=train_ds.num_classes,
+                 epochs=cfg["epochs"], attack=attack_spec(run), **hp)
+    return method, hp
+
+
 class _Bench:
     """State shared by the rows of one run: data, one model (reset to the same weights before
     every row), settings. Each ``row_<kind>`` returns that row's record."""
@@ -381,28 +438,13 @@ class _Bench:
             channels_last=cfg["channels_last"])
 
     def _load_data(self):
-        cfg = self.cfg
-        name = cfg["dataset"]
-        if name == "auto":
-            real = data_mod.find_dataset("cifar10", "train") is not None
-            name = "cifar10" if real else "synthetic"
-        if name == "cifar10":
-            train_ds = data_mod.load_dataset("cifar10", "train")
-            test_ds = data_mod.load_dataset("cifar10", "test")
-            if cfg["train_n"]:
-                train_ds = train_ds.subset(cfg["train_n"], seed=cfg["seed"])
-        else:
-            n_test = max(cfg["eval_n"], cfg["aa_n"], cfg["eval_batch_size"], 1)
-            train_ds = data_mod.synthetic_dataset(cfg["train_n"] or 50_000, seed=cfg["seed"])
-            test_ds = data_mod.synthetic_dataset(n_test, seed=cfg["seed"], split="test")
+        train_ds, test_ds = _datasets(self.cfg)
         # the training split lives on the device (the engine's data path); the test split is
         # sliced and moved by the evaluation
         return train_ds.to(self.device), test_ds
 
     def _new_model(self) -> torch.nn.Module:
-        info = data_mod.dataset_info(self.train_ds.name)
-        return build_model(self.cfg["arch"], self.train_ds.num_classes, self.train_ds.x.shape[1],
-                           mean=info["mean"], std=info["std"]).to(self.device)
+        return _new_model(self.cfg, self.train_ds, self.device)
 
     def _sgd(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=self.cfg["lr"],
@@ -468,15 +510,7 @@ class _Bench:
                     pgd_steps=cfg["pgd_steps"], **rec)
 
     def _method(self, name: str):
-        """The method as the engine builds it: hyperparameters from ``resolve_config`` (the
-        method's defaults; the threat model, with ``steps`` = the bench's PGD steps, as an AttackSpec)."""
-        cls = get_method(name)
-        cfg = resolve_config(method=name, dataset=self.train_ds.name, epochs=self.cfg["epochs"],
-                             steps=self.cfg["pgd_steps"])
-        hp = cfg["method_hp"]
-        method = cls(num_train=len(self.train_ds), num_classes=self.train_ds.num_classes,
-                     epochs=self.cfg["epochs"], attack=attack_spec(cfg), **hp)
-        return method, hp
+        return _new_method(name, self.cfg, self.train_ds)
 
     def row_method(self, name: str) -> dict[str, Any]:
         torch.manual_seed(self.cfg["seed"])
@@ -584,6 +618,87 @@ def _versions(device: torch.device) -> dict[str, Any]:
                 torch_threads=torch.get_num_threads(), machine=platform.machine())
 
 
+# ----------------------------------------------------------------------------- scaling
+def _scaling_worker(cfg: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
+    """One process of the scaling rows, started by torch's elastic launcher (as torchrun
+    starts them): each method's engine step on this process's slice of every global batch of
+    ``batch_size`` × processes examples, timed on the wall clock. Rank 0 returns the records."""
+    torch.set_num_threads(cfg["threads"])
+    group = distributed.setup(cfg["device"])   # None on one process: the plain engine
+    device = group.device if group is not None else pick_device(cfg["device"])
+    world = 1 if group is None else group.world
+    torch.manual_seed(cfg["seed"])
+    train_ds, _ = _datasets(cfg)
+    model = _new_model(cfg, train_ds, device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    fwd = distributed.wrap(torch.compile(model) if cfg["compile"] else model, group)
+    batch = cfg["batch_size"] * world
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    if group is None:
+        loader = data_mod.DeviceLoader(train_ds.to(device), batch, augment=True,
+                                       generator=generator, channels_last=cfg["channels_last"])
+    else:
+        loader = distributed.ShardedLoader(train_ds, batch, group=group, augment=True,
+                                           generator=generator,
+                                           channels_last=cfg["channels_last"])
+    records = {}
+    for name in names:
+        method, _ = _new_method(name, cfg, train_ds)
+        model.load_state_dict(init)
+        fwd.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"],
+                                    momentum=TRAIN_DEFAULTS["momentum"],
+                                    weight_decay=TRAIN_DEFAULTS["weight_decay"])
+        steps = itertools.count()
+
+        def step(b, method=method, optimizer=optimizer):
+            with distributed.step_context(group, batch_size=batch, seed=cfg["seed"],
+                                          step=next(steps)):
+                return train_step(method, fwd, optimizer, b, epoch=cfg["epochs"] - 1,
+                                  bf16=cfg["bf16"])[0]
+        rec = measure(step, _cycle(loader), warmup=cfg["warmup"], steps=cfg["steps"],
+                      device=device, images=lambda b: len(b.y) * world, repeats=cfg["repeats"])
+        rec["finite"] = bool(torch.isfinite(rec.pop("last")))
+        records[name] = rec
+    distributed.barrier(group)
+    return records if distributed.is_main(group) else None
+
+
+def _launch(cfg: dict[str, Any], names: list[str], nproc: int) -> dict[str, Any]:
+    """Rank 0's records of :func:`_scaling_worker` on ``nproc`` processes of this machine,
+    started by torch's elastic launcher with a c10d rendezvous on a free local port."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                          run_id=f"mixlab-bench-{os.getpid()}-{nproc}", rdzv_backend="c10d",
+                          rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
+                          start_method="spawn")
+    return elastic_launch(config, _scaling_worker)(cfg, names)[0]
+
+
+def scaling(cfg: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The scaling rows: per method of ``names``, images per second on one process and on
+    ``cfg["nproc"]`` (one device each, ``batch_size`` per device), per device, and the scaling
+    efficiency (N-process img/s) / (N × one-process img/s)."""
+    n = cfg["nproc"]
+    one, many = _launch(cfg, names, 1), _launch(cfg, names, n)
+    out = {}
+    for name in names:
+        single, multi = one[name]["img_per_s"], many[name]["img_per_s"]
+        out[name] = dict(processes=n, batch_per_device=cfg["batch_size"],
+                         global_batch=cfg["batch_size"] * n, clock="wall",
+                         one_device_img_per_s=single, img_per_s=multi,
+                         img_per_s_per_device=multi / n, efficiency=multi / (n * single),
+                         window_img_per_s=many[name]["window_img_per_s"],
+                         one_device_window_img_per_s=one[name]["window_img_per_s"],
+                         finite=one[name]["finite"] and many[name]["finite"])
+    return out
+
+
 def run_bench(**settings: Any) -> dict[str, Any]:
     """Run the benchmark; returns the result record (what ``main`` writes as JSON).
 
@@ -647,6 +762,15 @@ def _run_bench(cfg: dict[str, Any]) -> dict[str, Any]:
         provenance=jsonable(prov), notes=NOTES, rows=rows)
     result["ratios"] = ratios({k: v for k, v in rows.items() if "error" not in v})
     result["eval"] = evaluation
+    if cfg["nproc"]:
+        names = [n for n, row in rows.items() if n in METHODS and "error" not in row]
+        print(f"bench: scaling over {cfg['nproc']} processes ...", file=sys.stderr, flush=True)
+        try:
+            result["scaling"] = scaling(cfg, names)
+        except Exception as err:  # as for rows: keep what was measured
+            result["scaling"] = dict(error=f"{type(err).__name__}: {err}",
+                                     traceback=traceback.format_exc(limit=4))
+            print(f"bench: scaling FAILED: {result['scaling']['error']}", file=sys.stderr)
     return result
 
 
@@ -684,6 +808,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on a CPU)")
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
+    p.add_argument("--nproc", type=int, help="also run every method row on 1 and on NPROC "
+                   "processes (one device each) and report the scaling efficiency")
     p.add_argument("--out", default="results", help="folder (or .json file) for the result")
     return p
 
@@ -700,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_bench_table(result))
     print(f"wrote {path}")
     failed = [n for n, row in result["rows"].items() if "error" in row]
+    if "error" in result.get("scaling", {}):
+        failed.append("scaling")
     if failed:
         print(f"bench: rows failed: {', '.join(failed)} (errors in the JSON)", file=sys.stderr)
     return 1 if failed else 0

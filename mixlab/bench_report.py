@@ -98,6 +98,15 @@ def format_bench_table(result: dict[str, Any]) -> str:
                          f"({rec['seconds']:.1f} s, accuracy {rec['accuracy']:.3f})")
         elif isinstance(rec, dict) and "skipped" in rec:
             lines.append(f"eval {attack:<6} skipped ({rec['skipped']})")
+    scaling = result.get("scaling") or {}
+    if "error" in scaling:
+        lines.append(f"scaling FAILED: {scaling['error'][:80]}")
+    for name, rec in ({} if "error" in scaling else scaling).items():
+        lines.append(f"scaling {name:<8} {rec['processes']} processes x batch "
+                     f"{rec['batch_per_device']}: {rec['img_per_s']:10.1f} img/s, "
+                     f"{rec['img_per_s_per_device']:.1f} per device; one device "
+                     f"{rec['one_device_img_per_s']:.1f}; efficiency "
+                     f"{100 * rec['efficiency']:.1f}% (wall clock)")
     return "\n".join(lines)
 
 

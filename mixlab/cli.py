@@ -14,6 +14,11 @@ a non-finite loss exits with status 3 after saving its state.
 ``--threads N`` (before or after the command name) sets PyTorch's CPU threads for every
 command; without it, ``$MIXLAB_THREADS``, else 1 on a machine without CUDA (see
 ``mixlab.runtime.configure_threads``; ``python -m mixlab info`` shows the count and why).
+
+Under torchrun, ``train`` and ``eval`` spread over the processes it starts and rank 0 alone
+writes and prints (docs/distributed.md):
+
+>>> torchrun --nproc_per_node 4 -m mixlab train --method pgd_at --profile short --run-dir runs/at
 """
 from __future__ import annotations
 
@@ -238,8 +243,10 @@ def cmd_train(args) -> None:
         return
     if config.get("run_dir") is None:
         raise ValueError("--run-dir is required to train (or pass --dry-run)")
+    from .distributed import is_main
     _, history = train(method_hp=method_hp, **config)
-    print(json.dumps(history[-1]) if history else "{}")
+    if is_main():   # under torchrun: rank 0 speaks for every process
+        print(json.dumps(history[-1]) if history else "{}")
 
 
 def cmd_eval(args) -> None:
@@ -257,7 +264,9 @@ def cmd_eval(args) -> None:
     if unknown or not attacks:
         what = f"unknown attack(s) {unknown}" if unknown else "names no attack"
         raise ValueError(f"--attacks {args.attacks!r}: {what}; choose from {','.join(ATTACKS)}")
-    device = pick_device(args.device)
+    from . import distributed
+    group = distributed.setup(args.device)   # under torchrun: this process's device
+    device = group.device if group is not None else pick_device(args.device)
     run = load_run(args.checkpoint, which=args.which, device=device, weights=args.weights)
     cfg = run.config
     eps = args.eps if args.eps is not None else cfg["eps"]
@@ -274,6 +283,8 @@ def cmd_eval(args) -> None:
                        eps=eps, norm=norm, batch_size=args.batch_size,
                        run_dir=run.path,
                        name="eval_cli" if args.weights == "raw" else "eval_cli_ema")
+    if not distributed.is_main(group):   # every process evaluated its share; rank 0 reports
+        return
     name = (f"{cfg['method']} ({run.which}, epoch {run.epoch}"
             f"{', averaged weights' if args.weights == 'ema' else ''})")
     print(format_table({name: results}))

@@ -23,7 +23,8 @@ What one step does on W processes, for a global batch of B = ``batch_size`` exam
   whose size does not depend on the batch (mixup's one λ per batch) is the same on every
   process, as in one process; a draw that depends on the batch but cannot be sliced (the
   partner permutation of mixup, AMP and CutMix; per-example Beta draws of λ) comes from a
-  stream of this process's own (:class:`share_of_batch`). Hence erm, pgd_at, fat, gairat,
+  stream of this process's own (:class:`share_of_batch`; the model's own forward passes run
+  outside it, :class:`outside_share`, at no cost per layer). Hence erm, pgd_at, fat, gairat,
   gair_fat, mma and trades train the same weights on any number of processes (up to the
   order of floating-point sums); mixing methods pair examples within each process's share.
 * **Model.** The model is wrapped in ``DistributedDataParallel`` for the training forward and
@@ -68,6 +69,8 @@ from .methods.base import _BATCH_SUM
 
 #: the environment variables torchrun sets for every process it starts
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+#: a reduce-scatter of one tensor (its name since torch 2.14; reduce_scatter_tensor before)
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # ----------------------------------------------------------------------------- processes
@@ -147,8 +150,10 @@ def setup(device: str | torch.device = "auto") -> Group | None:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, **kwargs)
+        try:   # device_id binds NCCL to this GPU at once (torch >= 2.3)
+            dist.init_process_group(backend, **({"device_id": dev} if dev.type == "cuda" else {}))
+        except TypeError:
+            dist.init_process_group(backend)
         atexit.register(_teardown)
     elif dist.get_backend() != backend or dist.get_world_size() != world:
         raise RuntimeError(f"a process group ({dist.get_backend()}, {dist.get_world_size()} "
@@ -253,6 +258,13 @@ def sum_dicts(values: dict[str, float], group: Group | None) -> dict[str, float]
         for key, value in part.items():
             out[key] = out.get(key, 0.0) + value
     return out
+
+
+def barrier(group: Group | None) -> None:
+    """Wait until every process gets here (nothing without a group): e.g. until rank 0 has
+    written what the others will read next."""
+    if group is not None:
+        dist.barrier()
 
 
 def from_main(value: Any, group: Group | None) -> Any:
@@ -381,7 +393,7 @@ class ShardedLoader:
         local = torch.where(owned, gidx // g.world, torch.zeros_like(gidx))
         buf = self.x[local] * owned.reshape(-1, 1, 1, 1).to(torch.uint8)
         out = buf.new_empty((self.local_batch, *buf.shape[1:]))
-        work = dist.reduce_scatter_tensor(out, buf, async_op=True)
+        work = _REDUCE_SCATTER(out, buf, async_op=True)
         return work, out
 
     def __iter__(self) -> Iterator[Batch]:

@@ -6,6 +6,9 @@ arXiv 1902.06705) and RobustBench's rules (Croce et al. 2021, arXiv 2010.09670):
 * Every attack runs on the *same* images and labels, with the model in eval mode and in fp32:
   autocast is switched off for the whole evaluation (also inside a caller's autocast block),
   the attacks get ``bf16=False``, and AutoAttack gets the fp32 model in eval mode.
+* Random starts are seeded per chunk of ``batch_size`` images from (seed, chunk start), so
+  under torchrun each process attacks whole chunks and the gathered result equals one
+  process's (docs/distributed.md).
 * Per attack, the accuracy under that attack alone (a fraction in [0, 1]); and ``"robust"``,
   shown as "worst case": the fraction of examples classified correctly clean *and* under every
   attack of the call, i.e. the per-example minimum. A clean-misclassified example that some
@@ -416,12 +419,14 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
             case and the masking report need it.
         eps, norm: the threat model, pixel units ("Linf": eps in [0, 1]; "L2"). With eps = 0
             no attack can move a point: every attack's accuracy is the clean one.
-        batch_size: images per forward pass (and AutoAttack's batch).
+        batch_size: images per forward pass and per seeded chunk (AutoAttack's too).
         aa_version: AutoAttack version ("standard", "plus", "rand").
         aa_attacks: a custom AutoAttack list instead, e.g. ["apgd-ce", "apgd-t"] (names from
             ``AA_ATTACKS``), run as version "custom" with the standard version's budget.
-        seed: the RNG seed of every attack (set before each one, so an attack's result does
-            not depend on which attacks ran before it); the caller's RNG state is restored.
+        seed: the RNG seed of the attacks: each chunk of ``batch_size`` images is attacked
+            from the seed ``mixlab.distributed.chunk_seed(seed, chunk start)``, so a chunk's
+            result depends neither on which attacks ran before nor on the process that ran
+            it; AutoAttack runs once per chunk. The caller's RNG state is restored.
         run_dir, name: if run_dir is given, the result is written to ``run_dir/<name>.json``,
             atomically (a temporary file in the same folder, fsync, rename).
         progress: show a progress bar (``tqdm``; a widget in Jupyter) over each attack's
@@ -452,6 +457,11 @@ def evaluate(model: torch.nn.Module, x, y=None, *,
     in a notebook an exception leaves nothing bound to the cell's variable, and an AutoAttack
     run of an hour would be reachable only through ``sys.last_value``. A folder that already
     looks unwritable is warned about before the attacks start.
+
+    Under torchrun (``mixlab.distributed``) every process calls ``evaluate`` on the same
+    images with the model on its own device; each attacks whole chunks (chunk k on rank
+    k mod W), every process gets the full result, equal to one process's, and rank 0 alone
+    writes ``run_dir/<name>.json``.
 
     >>> result = evaluate(model, x_test[:1000], y_test[:1000], eps=8/255, run_dir=run.path)
     >>> result["robust"], result["warnings"]

@@ -256,8 +256,9 @@ class LoopState:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.method.load_state_dict(ckpt["method"])
         set_rng_state(ckpt["rng"])
-        source = ckpt["rng"].get("cuda_device")
-        if self.device.type == "cuda" and source is not None and source < len(ckpt["rng"]["cuda"]):
+        source = ckpt["rng"].get("cuda_device")   # the device whose stream the run drew from
+        if self.device.type == "cuda" and source is not None \
+                and source < len(ckpt["rng"]["cuda"]):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][source], self.device)
         self.generator.set_state(ckpt["generator"])
         self.epoch, self.step, self.history = ckpt["epoch"] + 1, ckpt["step"], ckpt["history"]
@@ -441,7 +442,8 @@ def _fit(state: LoopState):
         distributed.broadcast_buffers(model, group)
         if state.ema is not None:
             distributed.broadcast_buffers(state.ema.averaged_model(), group)
-        loss_sum, correct = distributed.all_sum(loss_sum, group), distributed.all_sum(correct, group)
+        loss_sum = distributed.all_sum(loss_sum, group)   # the global batches' sums
+        correct = distributed.all_sum(correct, group)
         bad = nonfinite_entries(unwrap_model(model).state_dict())
         if not torch.isfinite(loss_sum) or bad:
             _stop_nonfinite(run_dir, snapshot, cfg, epoch, state.step, bad)
@@ -488,6 +490,7 @@ def _fit(state: LoopState):
         bar.close()
     if board is not None:
         board.close()
+    distributed.barrier(group)   # under torchrun: return once rank 0 has written the run
     model.eval()
     return model, state.history
 
