@@ -196,3 +196,13 @@ def test_mma_mnist_steps_reach_the_method_only_as_attack_steps(preset, profile, 
     method.evaluate_extra(model.eval(), x, y)
     assert calls == [kwargs["steps"]] * 2
     assert method.hp["d_max"] == THREATS[("mnist", kwargs["norm"])]["d_max"]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_per_profile_hyperparameters_cover_every_profile(name):
+    """A method that sets a hyperparameter per profile sets it for every profile: a profile
+    it forgets silently falls back to the default, which is sized for another scale (GAIRAT's
+    begin_epoch = 60 in a 10-epoch run would never start reweighting)."""
+    cls = get_method(name)
+    if cls.hp_profiles:
+        assert sorted(cls.hp_profiles) == sorted(PROFILE_NAMES), name
