@@ -38,6 +38,17 @@ __all__ = ["MIXES", "mixup_data", "cutmix_boxes", "box_mask", "cutmix_data", "mi
 MIXES = ("mixup", "cutmix")
 
 
+def check_mixing_hp(method: str, hp: dict) -> None:
+    """The ``mix`` and ``mix_alpha`` hyperparameters of a method that mixes its training
+    images before its attack (pgd_at, trades): ``mix`` "none" or one of :data:`MIXES`,
+    ``mix_alpha`` > 0. Raises ValueError naming the method, the value and the choices."""
+    if hp["mix"] not in ("none", *MIXES):
+        raise ValueError(f"{method}.mix={hp['mix']!r} is not one of {['none', *MIXES]}")
+    if not hp["mix_alpha"] > 0:
+        raise ValueError(f"{method}.mix_alpha={hp['mix_alpha']!r} must be > 0 "
+                         f"(Beta(alpha, alpha) concentration; 1 is uniform λ)")
+
+
 def mixup_data(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor):
     """Mix each example with its partner ``perm``: returns (x_mix, y_a, y_b).
     lam: (B,) mixing weights in [0, 1] (weight of the example itself)."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..attacks import pgd
 from .base import Method, register, soft_cross_entropy
-from .mixing import MIXES, mix_batch
+from .mixing import check_mixing_hp, mix_batch
 
 
 @register
@@ -47,12 +47,7 @@ class PGDAT(Method):
     @classmethod
     def check_hp(cls, hp, *, dataset, attack):
         hp = super().check_hp(hp, dataset=dataset, attack=attack)
-        if hp["mix"] not in ("none", *MIXES):
-            raise ValueError(f"pgd_at.mix={hp['mix']!r} is not one of "
-                             f"{['none', *MIXES]}")
-        if not hp["mix_alpha"] > 0:
-            raise ValueError(f"pgd_at.mix_alpha={hp['mix_alpha']!r} must be > 0 "
-                             f"(Beta(alpha, alpha) concentration; 1 is uniform λ)")
+        check_mixing_hp("pgd_at", hp)
         return hp
 
     def __init__(self, **kwargs):

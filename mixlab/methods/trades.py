@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, unwrap
 from .base import SMOKE_BUDGET, Method, register, soft_cross_entropy
-from .mixing import MIXES, mix_batch
+from .mixing import check_mixing_hp, mix_batch
 
 #: std of the Gaussian start around x, pixel units (the official code's 0.001)
 INIT_STD = 0.001
@@ -159,11 +159,7 @@ class TRADES(Method):
         if not hp["beta"] >= 0:
             raise ValueError(f"trades.beta={hp['beta']!r} must be >= 0 (weight of the KL "
                              f"term; 6 in Zhang et al.; 0 trains on clean CE alone)")
-        if hp["mix"] not in ("none", *MIXES):
-            raise ValueError(f"trades.mix={hp['mix']!r} is not one of {['none', *MIXES]}")
-        if not hp["mix_alpha"] > 0:
-            raise ValueError(f"trades.mix_alpha={hp['mix_alpha']!r} must be > 0 "
-                             f"(Beta(alpha, alpha) concentration; 1 is uniform λ)")
+        check_mixing_hp("trades", hp)
         return hp
 
     def __init__(self, **kwargs):
