@@ -168,12 +168,14 @@ for m in reweighted:
 # trained model pass where the settings tolerate them; CW-20 and AutoAttack far below PGD-20
 # are the reweighted methods' known symptom, reported above, and pass too). Trained for real
 # (the `trained` setting): above chance clean (else an untrained model, or test images with
-# other preprocessing or labels than training) and robust in the worst case over all attacks;
-# smoke models, trained for seconds, can sit near chance on 64 test images
+# other preprocessing or labels than training), and the unweighted methods robust in the worst
+# case over all attacks (`min_robust`); the reweighted methods' worst case is the claim under
+# test (the AutoAttack caveat), shown in the table, not asserted; smoke models, trained for
+# seconds, can sit near chance on 64 test images
 for m, by_row in by_method.items():
     allowed = s["tolerated_flags"] + (["CW-20 (", "AutoAttack ("] if m in reweighted else [])
     for r in by_row.values():
         checks.evaluation(r, allow_warnings=allowed,
                           min_clean=1 / test.num_classes + 0.05 if s["trained"] else None,
-                          min_robust=s["min_robust"])
+                          min_robust=None if m in reweighted else s["min_robust"])
 print("all checks passed")
