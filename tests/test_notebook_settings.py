@@ -46,9 +46,11 @@ def test_values_are_usable_in_every_profile():
             if "robust_datasets" in s:
                 assert s["robust_datasets"] and set(s["robust_datasets"]) <= set(DATASETS), where
             if "trained" in s and s["trained"]:
-                # trained models tolerate no flag, but for the cpu profile's small CIFAR-10
-                # models the CW-20 gap alone (documented in notebook_settings)
-                allowed = ["CW-20 ("] if where.endswith("/cpu") else []
+                # trained models tolerate no flag, but for the cpu profile's small models the
+                # CW-20 gap, and on MNIST AutoAttack's (measured and documented in
+                # notebook_settings)
+                allowed = (["CW-20 ("] + (["AutoAttack ("] if where == "mma/cpu" else [])
+                           if where.endswith("/cpu") else [])
                 assert set(s["tolerated_flags"]) <= set(allowed), \
                     f"{where}: a trained model tolerates no other flag"
 
