@@ -6,7 +6,9 @@ committed notebook never gets outputs) in Debian's Chromium driven by Playwright
 cells from the Run menu, waits for the notebook's own checks to pass and for the plotly
 FigureWidget to render, then drags the position slider and checks that the plot's position
 marker moved (plotly.js trace data) and the picture changed (screenshot bytes). The screenshot
-after the drag is saved as figures/explorer_browser_smoke.png.
+after the drag is saved as explorer_browser_smoke.png in $MIXLAB_FIGURES (the test's scratch
+folder when unset, so a test run never rewrites the committed figures/; set
+MIXLAB_FIGURES=figures to remake the committed screenshot).
 
 Needs: `apt-get install -y chromium` (/usr/bin/chromium) and `pip install playwright` (the
 browser is Debian's, never `playwright install`), and the CIFAR-10 test split (make data).
@@ -122,8 +124,8 @@ def test_explorer_live_in_jupyterlab(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
     base, notebook = lab
-    figures = REPO / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = Path(os.environ.get("MIXLAB_FIGURES") or tmp_path)
+    figures.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
