@@ -126,6 +126,8 @@ STAGES: dict[str, tuple[tuple[str, ...], list[tuple[str, list[str], float]]]] = 
         ("bench eval, trained PGD-AT", ["mixlab.bench", "--methods", "eval", "--checkpoint",
                                         "{runs}/quickstart/{profile}/cifar10-pgd_at"], 4),
     ]),
+    # the baselines on one budget: PGD-AT, weight averaging, CutMix, TRADES, AMP
+    "baselines": (("whl", "cifar10"), [notebook_job("baselines_cifar10", 10)]),
     # the explorer's runs (ERM and PGD-AT) and its static figure
     "explorer": (("whl", "cifar10"), [notebook_job("margin_explorer", 10)]),
     # MNIST MMA; the theory notebook (small MLPs, an MNIST gap study, ERM vs mixup on CIFAR-10)
@@ -143,6 +145,7 @@ STAGE_RESULTS = {
     "gairat": ("figures/gairat_*_short.png",),
     "mma": ("figures/mma_cifar10_*_short.png",),
     "quickstart": ("figures/quickstart_*_short.png",),
+    "baselines": ("figures/baselines_*_short.png",),
     "explorer": ("figures/margin_explorer_*_short.png",),
     "mnist": ("figures/mma_mnist_*_short.png", "figures/theory_*_short.png"),
 }
