@@ -95,7 +95,10 @@ def lab(tmp_path, data_root):
         (settings / name).write_text(json.dumps(values))
 
     port = _free_port()
-    env = dict(os.environ, MIXLAB_DATA=str(data_root), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+    # the notebook's own figures go where the screenshot goes, never into the committed figures/
+    env = dict(os.environ, MIXLAB_DATA=str(data_root),
+               MIXLAB_FIGURES=os.environ.get("MIXLAB_FIGURES") or str(tmp_path / "figures"),
+               JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
                JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
            "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
