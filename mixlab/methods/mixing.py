@@ -123,3 +123,23 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, *, mix: str, alpha: float,
     y_soft = (w * F.one_hot(y_a, num_classes).float()
               + (1 - w) * F.one_hot(y_b, num_classes).float())
     return x_mix, y_soft, lam, lam_drawn
+
+
+def mix_and_log(log: dict[str, list[torch.Tensor]], x: torch.Tensor, y: torch.Tensor, *,
+                mix: str, alpha: float, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mix_batch`, keeping its draws in ``log`` (device tensors, no host sync): "lam"
+    (the Beta draws) and, for CutMix, "lam_box" (the area-corrected weights). Returns (x_mix,
+    y_soft). :func:`drain_log` turns the epoch's log into arrays."""
+    x_mix, y_soft, lam, lam_drawn = mix_batch(x, y, mix=mix, alpha=alpha,
+                                              num_classes=num_classes)
+    log.setdefault("lam", []).append(lam_drawn.detach())
+    if mix == "cutmix":
+        log.setdefault("lam_box", []).append(lam.detach())
+    return x_mix, y_soft
+
+
+def drain_log(log: dict[str, list[torch.Tensor]]) -> dict:
+    """The epoch's logged draws as numpy arrays (one host copy per epoch); empties ``log``."""
+    out = {key: torch.cat(v).float().cpu().numpy() for key, v in log.items() if v}
+    log.clear()
+    return out

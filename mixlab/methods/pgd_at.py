@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..attacks import pgd
 from .base import Method, register, soft_cross_entropy
-from .mixing import check_mixing_hp, mix_batch
+from .mixing import check_mixing_hp, drain_log, mix_and_log
 
 
 @register
@@ -61,12 +61,8 @@ class PGDAT(Method):
                         norm=a.norm)
             logits = model(x_adv)
             return F.cross_entropy(logits.float(), y), logits
-        x_mix, y_soft, lam, lam_drawn = mix_batch(x, y, mix=self.hp["mix"],
-                                                  alpha=self.hp["mix_alpha"],
-                                                  num_classes=self.num_classes)
-        self._log.setdefault("lam", []).append(lam_drawn.detach())
-        if self.hp["mix"] == "cutmix":
-            self._log.setdefault("lam_box", []).append(lam.detach())
+        x_mix, y_soft = mix_and_log(self._log, x, y, mix=self.hp["mix"],
+                                    alpha=self.hp["mix_alpha"], num_classes=self.num_classes)
         # y rides along for pgd's shape checks only; the loss reads the soft labels
         x_adv = pgd(model, x_mix, y, eps=a.eps, step_size=a.step_size, steps=a.steps,
                     norm=a.norm, loss=lambda logits, _y: soft_cross_entropy(logits, y_soft,
@@ -74,7 +70,4 @@ class PGDAT(Method):
         return soft_cross_entropy(model(x_adv), y_soft), None
 
     def epoch_end(self, epoch):
-        # one host copy per epoch
-        out = {key: torch.cat(v).float().cpu().numpy() for key, v in self._log.items() if v}
-        self._log = {}
-        return out
+        return drain_log(self._log)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from ..attacks import ascent_step, autocast_for, check_eps, eval_mode, project, unwrap
 from .base import SMOKE_BUDGET, Method, register, soft_cross_entropy
-from .mixing import check_mixing_hp, mix_batch
+from .mixing import check_mixing_hp, drain_log, mix_and_log
 
 #: std of the Gaussian start around x, pixel units (the official code's 0.001)
 INIT_STD = 0.001
@@ -174,12 +174,8 @@ class TRADES(Method):
             logits = model(x)
             return trades_loss(logits, model(x_adv), y, beta=self.hp["beta"]), logits
         # mixing is augmentation: it comes first, and the attack and both terms see x̃
-        x_mix, y_soft, lam, lam_drawn = mix_batch(x, y, mix=self.hp["mix"],
-                                                  alpha=self.hp["mix_alpha"],
-                                                  num_classes=self.num_classes)
-        self._log.setdefault("lam", []).append(lam_drawn.detach())
-        if self.hp["mix"] == "cutmix":
-            self._log.setdefault("lam_box", []).append(lam.detach())
+        x_mix, y_soft = mix_and_log(self._log, x, y, mix=self.hp["mix"],
+                                    alpha=self.hp["mix_alpha"], num_classes=self.num_classes)
         x_adv = trades_perturb(model, x_mix, eps=a.eps, step_size=a.step_size, steps=a.steps,
                                norm=a.norm)
         logits = model(x_mix)
@@ -188,7 +184,4 @@ class TRADES(Method):
         return loss, None
 
     def epoch_end(self, epoch):
-        # one host copy per epoch
-        out = {key: torch.cat(v).float().cpu().numpy() for key, v in self._log.items() if v}
-        self._log = {}
-        return out
+        return drain_log(self._log)
