@@ -730,3 +730,73 @@ def table_report(rows: dict[str, dict[str, Any]], *, curves: dict[str, Any] | No
         if "warnings" in r:
             lines.append(f"{name}: {format_report(r, curve=(curves or {}).get(name))}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- seed spread
+#: the columns of a seed table: accuracies that decide a paper's ordering
+SEED_COLUMNS = ("clean", "pgd20", "aa", "robust")
+
+
+def seed_list(seed: int, n_seeds: int) -> list[int]:
+    """The seeds of a notebook's seed table: its own ``seed`` and the ``n_seeds - 1`` after it
+    (``seed_list(0, 2) == [0, 1]``). Raises ValueError for ``n_seeds`` below 1."""
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ValueError(f"n_seeds={n_seeds!r} must be an int >= 1 (1: the notebook's seed "
+                         f"only)")
+    return [seed + i for i in range(n_seeds)]
+
+
+def seed_table(runs_by_seed: dict[int, dict[str, Any]], x: torch.Tensor, y: torch.Tensor, *,
+               progress: bool = True, columns: tuple[str, ...] = SEED_COLUMNS,
+               **evaluate_kw: Any) -> dict[str, dict[str, Any]]:
+    """Mean and spread over training seeds of each run's selected checkpoint.
+
+    ``runs_by_seed``: ``{seed: {name: run}}``, the same names for every seed, each run the
+    ``best`` checkpoint ``train_or_load`` returns (or a run opened with other weights). Every
+    checkpoint is evaluated by :func:`evaluate_checkpoint` (cached like the main table's, so
+    the first seed's rows cost nothing twice) on the same images ``x, y`` with the same
+    ``evaluate_kw``. Returns ``{name: row}`` where ``row[c]`` is the mean over seeds of column
+    ``c`` (a fraction), ``row[c + "_spread"]`` the largest minus the smallest value (0 for
+    one seed), ``row[c + "_values"]`` the value per seed, ``row["seeds"]`` the seeds and
+    ``row["per_seed"]`` each seed's result (without per-example lists) for the checks."""
+    if not runs_by_seed:
+        raise ValueError("seed_table needs at least one seed: {seed: {name: run}}")
+    names = list(next(iter(runs_by_seed.values())))
+    for seed, runs in runs_by_seed.items():
+        if list(runs) != names:
+            raise ValueError(f"seed {seed} has runs {list(runs)}, the first seed {names}: "
+                             f"give every seed the same names")
+    evaluation_settings(**evaluate_kw)  # a bad keyword fails before the first evaluation
+    table = {}
+    for name in names:
+        per_seed = {}
+        for seed, runs in runs_by_seed.items():
+            result = evaluate_checkpoint(f"{name}, seed {seed}", runs[name], x, y,
+                                         progress=progress, **evaluate_kw)
+            per_seed[seed] = {k: v for k, v in result.items() if k != "per_example"}
+        row: dict[str, Any] = {"seeds": list(per_seed), "n": len(y)}
+        for c in columns:
+            values = [float(r[c]) for r in per_seed.values()]
+            row[c] = sum(values) / len(values)
+            row[f"{c}_spread"] = max(values) - min(values)
+            row[f"{c}_values"] = values
+        row["per_seed"] = per_seed
+        table[name] = row
+    return table
+
+
+def format_seed_table(table: dict[str, dict[str, Any]],
+                      columns: tuple[str, ...] = SEED_COLUMNS) -> str:
+    """A Markdown table of :func:`seed_table`'s rows: each cell ``mean ± half the spread``
+    in percent, then the value of every seed in brackets (``17.2 ± 0.6 (17.8, 16.6)``)."""
+    from .evaluate import LABELS
+
+    lines = ["| model | seeds | " + " | ".join(LABELS.get(c, c) for c in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    for name, row in table.items():
+        cells = [f"{100 * row[c]:.1f} ± {50 * row[c + '_spread']:.1f} ("
+                 + ", ".join(f"{100 * v:.1f}" for v in row[c + "_values"]) + ")"
+                 for c in columns]
+        seeds = ", ".join(str(s) for s in row["seeds"])
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

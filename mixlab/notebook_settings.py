@@ -57,6 +57,9 @@ SETTING_HELP: dict[str, str] = {
                        "checks let pass; a rising robust-accuracy curve and AutoAttack's own "
                        "checks never pass, an attack above clean accuracy only in a smoke "
                        "entry that lists it (models at chance)",
+    "n_seeds": "training seeds of the seed table (the notebook's seed and the ones after it): "
+               "the compared runs are trained once per seed and their selected checkpoints "
+               "reported as mean and spread; 1: the notebook's seed only",
     "n_pairs": "interpolation pairs of test images [pairs]",
     "path_steps": "PGD steps of the worst case at each point of an interpolation path",
     "n_probe": "training images whose geometry value κ is probed with the final model",
@@ -79,8 +82,9 @@ SETTING_HELP: dict[str, str] = {
     "gauss_n": "training points of the Gaussian mixture of section 3",
     "gauss_d": "dimension of the Gaussian mixture",
     "real_subset": "MNIST training images of the gap study and of the MNIST robustness runs",
-    "robust_datasets": "section 4's dataset when datasets['robust'] is 'auto': the first one "
-                       "whose data is present",
+    "robust_datasets": "section 4's datasets when datasets['robust'] is 'auto', each trained "
+                       "and attacked in turn; an entry that is a list names alternatives, the "
+                       "first whose data is present is used",
     "min_robust": "worst-case accuracy over every attack that an adversarially trained model "
                   "must reach [fraction]: robust above chance at this scale",
     "robust_model": "section 4's architecture on a dataset other than MNIST (MNIST: "
@@ -101,33 +105,33 @@ NOTEBOOK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "amp_cifar10": {
         "smoke": dict(n_eval=64, aa_attacks=_APGD, n_pairs=4, path_steps=5, trained=False,
-                      tolerated_flags=_GAP_FLAGS),
+                      tolerated_flags=_GAP_FLAGS, n_seeds=2),
         "cpu": dict(n_eval=500, aa_attacks=_APGD, n_pairs=4, path_steps=10, trained=True,
-                    tolerated_flags=_SMALL_MODEL_FLAGS),
+                    tolerated_flags=_SMALL_MODEL_FLAGS, n_seeds=2),
         "short": dict(n_eval=1000, aa_attacks=None, n_pairs=6, path_steps=10, trained=True,
-                      tolerated_flags=[]),
+                      tolerated_flags=[], n_seeds=2),
         "paper": dict(n_eval=10000, aa_attacks=None, n_pairs=6, path_steps=20, trained=True,
-                      tolerated_flags=[]),
+                      tolerated_flags=[], n_seeds=1),
     },
     "baselines_cifar10": {
         "smoke": dict(n_eval=64, aa_attacks=_APGD, trained=False,
-                      tolerated_flags=_NEAR_CHANCE_FLAGS, min_robust=None),
+                      tolerated_flags=_NEAR_CHANCE_FLAGS, min_robust=None, n_seeds=2),
         "cpu": dict(n_eval=500, aa_attacks=_APGD, trained=True,
-                    tolerated_flags=_SMALL_MODEL_FLAGS, min_robust=0.15),
+                    tolerated_flags=_SMALL_MODEL_FLAGS, min_robust=0.15, n_seeds=2),
         "short": dict(n_eval=1000, aa_attacks=None, trained=True, tolerated_flags=[],
-                      min_robust=0.3),
+                      min_robust=0.3, n_seeds=2),
         "paper": dict(n_eval=10000, aa_attacks=None, trained=True, tolerated_flags=[],
-                      min_robust=0.3),
+                      min_robust=0.3, n_seeds=1),
     },
     "gairat_cifar10": {
         "smoke": dict(n_eval=64, aa_attacks=_APGD, n_probe=512, trained=False,
-                      tolerated_flags=_GAP_FLAGS, min_robust=None),
+                      tolerated_flags=_GAP_FLAGS, min_robust=None, n_seeds=2),
         "cpu": dict(n_eval=500, aa_attacks=_APGD, n_probe=2000, trained=True,
-                    tolerated_flags=_SMALL_MODEL_FLAGS, min_robust=0.15),
+                    tolerated_flags=_SMALL_MODEL_FLAGS, min_robust=0.15, n_seeds=2),
         "short": dict(n_eval=1000, aa_attacks=None, n_probe=5000, trained=True,
-                      tolerated_flags=[], min_robust=0.25),
+                      tolerated_flags=[], min_robust=0.25, n_seeds=2),
         "paper": dict(n_eval=10000, aa_attacks=None, n_probe=10000, trained=True,
-                      tolerated_flags=[], min_robust=0.25),
+                      tolerated_flags=[], min_robust=0.25, n_seeds=1),
     },
     "mma": {
         "smoke": dict(n_eval=64, aa_attacks=_APGD, margin_steps=10,
@@ -154,22 +158,22 @@ NOTEBOOK_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
                       alpha_grid=5, gap_n=40, gap_steps=600, gauss_n=100, gauss_d=10,
                       real_subset=1024, n_eval=128, aa_attacks=_APGD,
                       robust_datasets=["mnist"], robust_model="tiny",
-                      tolerated_flags=_GAP_FLAGS),
+                      tolerated_flags=_GAP_FLAGS, n_seeds=2),
         "cpu": dict(n=128, noise=0.15, steps=1000, snaps=10, order=48, width=64, lr=0.02,
                     alpha_grid=8, gap_n=60, gap_steps=3000, gauss_n=200, gauss_d=20,
-                    real_subset=5000, n_eval=1000, aa_attacks=_APGD,
-                    robust_datasets=["mnist"], robust_model="tiny",
-                    tolerated_flags=_GAP_FLAGS),
+                    real_subset=5000, n_eval=500, aa_attacks=_APGD,
+                    robust_datasets=["mnist", "cifar10"], robust_model="tiny",
+                    tolerated_flags=_GAP_FLAGS, n_seeds=2),
         "short": dict(n=200, noise=0.15, steps=2000, snaps=12, order=48, width=64, lr=0.02,
                       alpha_grid=12, gap_n=60, gap_steps=5000, gauss_n=200, gauss_d=20,
                       real_subset=2048, n_eval=1000, aa_attacks=None,
-                      robust_datasets=["svhn", "cifar10"], robust_model="preactresnet18",
-                      tolerated_flags=[]),
+                      robust_datasets=[["svhn", "cifar10"]], robust_model="preactresnet18",
+                      tolerated_flags=[], n_seeds=2),
         "paper": dict(n=300, noise=0.15, steps=5000, snaps=16, order=64, width=64, lr=0.02,
                       alpha_grid=16, gap_n=60, gap_steps=10000, gauss_n=400, gauss_d=50,
                       real_subset=2048, n_eval=10000, aa_attacks=None,
-                      robust_datasets=["svhn", "cifar10"], robust_model="wrn-16-8",
-                      tolerated_flags=[]),
+                      robust_datasets=[["svhn", "cifar10"]], robust_model="wrn-16-8",
+                      tolerated_flags=[], n_seeds=1),
     },
 }
 

@@ -199,13 +199,45 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_notebook(job.path, profile=args.profile, out_dir=out_dir, name=job.name,
                          parameters=job.parameters)
+            ok = True
             print(f"ok    {label:28s} {time.perf_counter() - t0:7.1f} s")
         except Exception as err:  # report every notebook, then fail
+            ok = False
             failed.append(label)
             print(f"FAIL  {label:28s} {time.perf_counter() - t0:7.1f} s  "
                   f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}")
+        record_time(job.name, args.profile, seconds=time.perf_counter() - t0, ok=ok,
+                    parameters=job.parameters)
     print(f"executed copies in {out_dir}")
     return 1 if failed else 0
+
+
+def record_time(job: str, profile: str, *, seconds: float, ok: bool,
+                parameters: dict[str, Any]) -> Path:
+    """Write one notebook's wall-clock time as ``<figures>/<job>_time_<profile>.json`` (the
+    folder of :func:`mixlab.nbtools.figures_dir`), beside the figures it made: seconds,
+    whether it passed, its parameters, the commit, the CPU threads and the machine. One file
+    per notebook, so runners working at once (``make -j2 evidence``) never race on a file;
+    written atomically."""
+    import os
+    import platform
+
+    import torch
+
+    from .fileio import atomic_write_json
+    from .nbtools import figures_dir
+    from .runs import git_commit
+
+    path = figures_dir() / f"{job}_time_{profile}.json"
+    record = dict(notebook=job, profile=profile, seconds=round(seconds, 1), ok=ok,
+                  parameters=parameters, git_commit=git_commit(),
+                  threads=os.environ.get("MIXLAB_THREADS"), cpus=os.cpu_count(),
+                  machine=platform.machine(),
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record, indent=2, sort_keys=True)
+    return path
 
 
 if __name__ == "__main__":

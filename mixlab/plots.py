@@ -395,16 +395,23 @@ def margin_distributions(margins: Mapping[str, np.ndarray], *, eps: float, d_max
 
 def accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[float]]],
                     eps_list: Sequence[float], *, xlabel: str, title: str = "",
-                    marks: Mapping[str, float] | None = None):
+                    marks: Mapping[str, float] | None = None,
+                    bands: Mapping[str, Mapping[str, Sequence[Sequence[float]]]] | None = None):
     """Robust accuracy against the radius: ``curves`` is model -> attack -> accuracies at
     ``eps_list``; one colour per model, one line style per attack. ``marks``: label ->
-    radius drawn as a dotted vertical line (e.g. the test eps)."""
+    radius drawn as a dotted vertical line (e.g. the test eps). ``bands``: model -> attack ->
+    several curves (e.g. one per training seed) whose lowest and highest value at each radius
+    are shaded around the line."""
     plt = _plt()
     styles = ["-o", "--x", ":s", "-.^"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for k, (model, by_attack) in enumerate(curves.items()):
         for style, (attack, accs) in zip(styles, by_attack.items()):
             ax.plot(eps_list, accs, style, color=f"C{k}", label=f"{model}, {attack}")
+            band = (bands or {}).get(model, {}).get(attack)
+            if band is not None and len(band) > 1:
+                ax.fill_between(eps_list, np.min(band, axis=0), np.max(band, axis=0),
+                                color=f"C{k}", alpha=0.15, lw=0)
     for label, x in (marks or {}).items():
         ax.axvline(x, color="k", ls=":", label=label)
     ax.set(xlabel=xlabel, ylabel="accuracy", title=title)

@@ -135,6 +135,28 @@ fig = plots.accuracy_bars(results, title=f"{dataset}, Linf eps = {eps * 255:g}/2
 nbtools.save_figure(fig, "amp_ablation", profile=profile, extra={"table": "amp_table"})
 
 # %% [markdown]
+# ## Seed table: the close comparison, over training seeds
+#
+# AMP and PGD-AT differ by a few points at most at the smaller scales, about the noise of one training seed. PGD-AT and the first AMP variant are trained again with the seeds after `seed` (`n_seeds` in the settings; the first seed's runs are the ones above) and each selected checkpoint evaluated on the same test images as the table above: mean ± half the spread, and every seed's value.
+
+# %%
+seeds = nbtools.seed_list(seed, s["n_seeds"])
+compared = ["pgd_at", amp_names[0]] if amp_names else ["pgd_at"]
+runs_by_seed = {seed: {name: runs[name] for name in compared}}
+for other in seeds[1:]:
+    runs_by_seed[other] = {
+        name: nbtools.train_or_load(run_dir=root / "seeds" / f"seed{other}" / name,
+                                    dataset=dataset, profile=profile, seed=other, eps=eps,
+                                    device=str(dev), quiet=quiet, **budget, **methods[name])
+        for name in compared}
+by_seed = nbtools.seed_table(runs_by_seed, x_test, y_test, progress=not quiet, eps=eps,
+                             norm="Linf", aa_attacks=s["aa_attacks"])
+print(nbtools.format_seed_table(by_seed))
+nbtools.save_table(by_seed, "amp_seeds", profile=profile,
+                   extra={"n": len(y_test), "aa_attacks": aa_run, "dataset": dataset,
+                          "model": cfg["model"], "eps": eps, "seeds": seeds})
+
+# %% [markdown]
 # ## Checks
 #
 # `mixlab.checks` raises `CheckFailed` with what went wrong: each check can fail for a real bug in training, in AMP's inner maximisation or in the evaluation.
@@ -166,6 +188,9 @@ for name in amp_names:
 min_clean = 1 / test.num_classes + 0.05 if s["trained"] else None
 for row, r in results.items():
     checks.evaluation(r, min_clean=min_clean, allow_warnings=s["tolerated_flags"])
+for name, row in by_seed.items():  # the other seeds' checkpoints pass the same checks
+    for r in row["per_seed"].values():
+        checks.evaluation(r, min_clean=min_clean, allow_warnings=s["tolerated_flags"])
 if s["trained"]:  # adversarial training buys robustness over ERM
     selected = {name: results[nbtools.checkpoint_label(name, run)] for name, run in runs.items()}
     checks.evaluation(selected["pgd_at"], min_robust=selected["erm"]["robust"] + 0.1)

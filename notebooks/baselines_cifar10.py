@@ -131,6 +131,33 @@ fig = plots.accuracy_bars({**selected, **papers},
 nbtools.save_figure(fig, "baselines_bars", profile=profile, extra={"table": "baselines_table"})
 
 # %% [markdown]
+# ## Seed table: what averaging buys, over training seeds
+#
+# Averaged and raw weights differ by a point or two at the smaller scales, about the noise of one training seed. PGD-AT and PGD-AT with averaging are trained again with the seeds after `seed` (`n_seeds` in the settings; the first seed's runs are the ones above) and each selected checkpoint evaluated on the same test images as the table (the averaged run with its averaged and its raw weights): mean ± half the spread, and every seed's value.
+
+# %%
+seeds = nbtools.seed_list(seed, s["n_seeds"])
+compared = ["pgd_at", "pgd_at_ema"]
+runs_by_seed = {seed: {name: runs[name] for name in [*compared, "pgd_at_ema_raw"]}}
+for other in seeds[1:]:
+    trained = {name: nbtools.train_or_load(run_dir=root / "seeds" / f"seed{other}" / name,
+                                           dataset=dataset, profile=profile, seed=other,
+                                           device=str(dev), quiet=quiet,
+                                           weights="ema" if "ema_decay" in methods[name] else "raw",
+                                           **budget, **methods[name])
+               for name in compared}
+    raw = nbtools.open_run(trained["pgd_at_ema"].path, which=trained["pgd_at_ema"].which,
+                           weights="raw", device=dev)
+    runs_by_seed[other] = {**trained, "pgd_at_ema_raw": raw}
+by_seed = nbtools.seed_table(runs_by_seed, x_test, y_test, progress=not quiet, eps=eps,
+                             norm="Linf", aa_attacks=s["aa_attacks"])
+print(nbtools.format_seed_table(by_seed))
+nbtools.save_table(by_seed, "baselines_seeds", profile=profile,
+                   extra={"n": len(y_test), "aa_attacks": aa_run, "dataset": dataset,
+                          "model": cfg["model"], "eps": eps, "ema_decay": ema_decay,
+                          "seeds": seeds})
+
+# %% [markdown]
 # ## Checks
 #
 # `mixlab.checks` raises `CheckFailed` with what went wrong. The papers' orderings (averaging over raw weights, CutMix with averaging over PGD-AT alone) are claims shown above, not checked here.
@@ -146,13 +173,14 @@ checks.amp_lambda(runs["amp_ema"])
 # preprocessing or labels than training (smoke models, trained for seconds, can sit near
 # chance on 64 test images)
 min_clean = 1 / test.num_classes + 0.05 if s["trained"] else None
+seed_rows = {name: list(row["per_seed"].values()) for name, row in by_seed.items()}
 for name, rows in by_run.items():
-    for row, r in rows.items():
+    for r in [*rows.values(), *seed_rows.get(name, [])]:  # the other seeds' checkpoints too
         checks.evaluation(r, min_clean=min_clean, allow_warnings=s["tolerated_flags"])
 if s["trained"]:  # adversarial training is robust beyond chance in the worst case
     for name, rows in by_run.items():
         if runs[name].config["method"] in ("pgd_at", "trades"):
-            for row, r in rows.items():
+            for r in [*rows.values(), *seed_rows.get(name, [])]:
                 checks.evaluation(r, min_robust=s["min_robust"],
                                   allow_warnings=s["tolerated_flags"])
 print("all checks passed")

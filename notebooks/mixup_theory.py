@@ -26,7 +26,7 @@
 #
 # Run headless: `papermill notebooks/mixup_theory.ipynb runs/mixup_theory.ipynb -p profile smoke --cwd notebooks`.
 # Profiles: `smoke` (CPU, under two minutes, MNIST SmallCNN as the robustness proxy), `cpu` (a laptop's
-# CPU), `short` (GPU: CIFAR-10 PreActResNet-18), `paper` (WRN-16-8 on SVHN when its data is present, else
+# CPU: MNIST SmallCNN and a tiny CNN on a CIFAR-10 subset, two seeds), `short` (GPU: CIFAR-10 PreActResNet-18), `paper` (WRN-16-8 on SVHN when its data is present, else
 # CIFAR-10). The sizes of every experiment per profile: `mixlab.notebook_settings`.
 
 # %% tags=["parameters"]
@@ -265,11 +265,15 @@ print(f"sections 1-3 took {time.perf_counter() - t_start:.1f} s")
 # ## 4. Robustness at scale: FGSM and PGD-20 accuracy against ε, ERM vs mixup
 #
 # The paper's Fig. 1a is FGSM robust test accuracy against ε for ERM and mixup, two WRN-16-8 trained on SVHN.
-# `smoke` and `cpu` train a SmallCNN on an MNIST subset (a CPU proxy), `short` a PreActResNet-18 and `paper` a
-# WRN-16-8, on SVHN when its data is present and on CIFAR-10 otherwise; the dataset used is printed and
-# recorded. The paper's numbers and hyperparameters for this experiment are not reproduced; mixlab's choices
-# are the engine's profile settings (SGD momentum 0.9, weight decay 5e-4), mixup α = 1 (Zhang et al. 2018)
-# and ε in {0, 1, 2, 4, 8}/255 ({0, 0.1, 0.2, 0.3} for MNIST) are choices. Linf threat model, pixels in [0, 1].
+# `smoke` trains a SmallCNN on an MNIST subset (a CPU proxy); `cpu` trains that and, on a CIFAR-10 subset (the
+# profile's 10,000 training images), mixlab's tiny CNN: the smallest networks that train in minutes on a CPU, one
+# on each kind of data (on MNIST every model is robust at small ε, on CIFAR-10 none is, so the two bracket the
+# paper's setting); `short` trains a PreActResNet-18 and `paper` a WRN-16-8, on SVHN when its data is present
+# and on CIFAR-10 otherwise. The datasets used are printed and recorded. The paper's numbers and
+# hyperparameters for this experiment are not reproduced; mixlab's choices are the engine's profile settings
+# (SGD momentum 0.9, weight decay 5e-4), mixup α = 1 (Zhang et al. 2018) and ε in {0, 1, 2, 4, 8}/255
+# ({0, 0.1, 0.2, 0.3} for MNIST) are choices. Linf threat model, pixels in [0, 1]. Each curve is the mean over
+# the training seeds (`n_seeds` in the settings), the band the lowest and highest seed.
 #
 # First, completing section 2: the train/test gap against α on a small MNIST subset (α = 0 is ERM).
 
@@ -283,26 +287,29 @@ dev = nbtools.resolve_device(device)
 base = Path(run_dir) if run_dir else nbtools.run_dir("mixup_theory", profile)
 
 
-def run_for(dataset, a, **extra):
-    """Train (or load) ERM (a = 0) or mixup with Beta(a, a) on ``dataset``."""
+def run_for(dataset, a, run_seed=seed, **extra):
+    """Train (or load) ERM (a = 0) or mixup with Beta(a, a) on ``dataset`` with ``run_seed``
+    (the notebook's seed, or another one of the seed curves)."""
     method, hp = ("erm", {}) if a == 0 else ("mixup", {"alpha": a})
     name = f"{dataset}-{method}" + (f"-a{a:g}" if a else "")
+    folder = base / name if run_seed == seed else base / "seeds" / f"seed{run_seed}" / name
     # eval_steps=0: only clean accuracy on the validation split during training (ERM and mixup
     # select their best checkpoint by it); the curves below do the attacking
-    return nbtools.train_or_load(run_dir=base / name, dataset=dataset, method=method, profile=profile,
-                                 seed=seed, device=str(dev), quiet=quiet, eval_steps=0, method_hp=hp,
-                                 **extra)
+    return nbtools.train_or_load(run_dir=folder, dataset=dataset, method=method, profile=profile,
+                                 seed=run_seed, device=str(dev), quiet=quiet, eval_steps=0,
+                                 method_hp=hp, **extra)
 
 
 def accuracy(run, data):
     return (predict(run.model, data.x.to(dev).float() / 255).cpu() == data.y).float().mean().item()
 
 
+mnist_model = {"model": "smallcnn", "train_subset": size["real_subset"]}
 mnist_train = load_dataset("mnist", "train").subset(size["real_subset"], seed=seed)
 mnist_test = load_dataset("mnist", "test").subset(size["n_eval"], seed=0)
 real_gap, mixup_runs = {}, []
 for a in [0.0, *alphas]:
-    run = run_for("mnist", a, model="smallcnn", train_subset=size["real_subset"])
+    run = run_for("mnist", a, **mnist_model)
     if a:
         mixup_runs.append(run)
     tr, te = accuracy(run, mnist_train), accuracy(run, mnist_test)
@@ -311,52 +318,78 @@ for a in [0.0, *alphas]:
 summary["mnist_gap"] = {str(a): dict(train=tr, test=te) for a, (tr, te) in real_gap.items()}
 
 # %%
-robust = datasets["robust"]
-if robust == "auto":
-    robust = nbtools.first_present(size["robust_datasets"])
-extra = ({"model": "smallcnn", "train_subset": size["real_subset"]} if robust == "mnist"
-         else {"model": size["robust_model"]})
-eps_list = [0, 0.1, 0.2, 0.3] if robust == "mnist" else [0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
-test, x_test, y_test = nbtools.load_test_images(robust, size["n_eval"], dev)
-curves, robust_runs = {}, {}
-for label, a in (("ERM", 0.0), ("mixup α=1", 1.0)):
-    run = robust_runs[label] = run_for(robust, a, **extra)
-    curves[label] = {attack: robust_accuracy_curve(run.model, x_test, y_test, eps_list=eps_list,
-                                                   attack=attack, norm="Linf")
-                     for attack in ("fgsm", "pgd20")}
-    print(label, {k: [round(v, 3) for v in c] for k, c in curves[label].items()})
-fig = plots.accuracy_vs_eps(
-    {label: {"FGSM": c["fgsm"], "PGD-20": c["pgd20"]} for label, c in curves.items()},
-    [e * 255 for e in eps_list] if robust != "mnist" else eps_list,
-    xlabel="ε (Linf" + (", ×1/255)" if robust != "mnist" else ")"),
-    title=f"{robust}, {extra['model']} ({profile}; stands in for WRN-16-8 on SVHN)")
-show(fig, "theory_robust", dataset=robust, model=extra["model"], n_eval=size["n_eval"],
-     eps_list=eps_list, curves=curves)
-summary["robust"] = dict(dataset=robust, model=extra["model"], eps_list=eps_list, curves=curves)
+# the datasets of this section: the one named by datasets["robust"], or the profile's list
+# (an entry that lists alternatives takes the first whose data is present)
+robust_sets = ([datasets["robust"]] if datasets["robust"] != "auto" else
+               [nbtools.first_present(entry if isinstance(entry, list) else [entry])
+                for entry in size["robust_datasets"]])
+seeds = nbtools.seed_list(seed, size["n_seeds"])
+print(f"section 4 on {robust_sets}, seeds {seeds}")
+summary["robust"], robust_tests, robust_runs = {}, {}, {}
+for robust in robust_sets:
+    extra = mnist_model if robust == "mnist" else {"model": size["robust_model"]}
+    eps_list = [0, 0.1, 0.2, 0.3] if robust == "mnist" else [0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
+    test, x_test, y_test = robust_tests[robust] = nbtools.load_test_images(robust, size["n_eval"], dev)
+    curves, bands = {}, {}
+    for label, a in (("ERM", 0.0), ("mixup α=1", 1.0)):
+        per_seed = []
+        for run_seed in seeds:
+            run = run_for(robust, a, run_seed=run_seed, **extra)
+            if run_seed == seed:
+                robust_runs[robust, label] = run
+            per_seed.append({attack: robust_accuracy_curve(run.model, x_test, y_test, eps_list=eps_list,
+                                                           attack=attack, norm="Linf")
+                             for attack in ("fgsm", "pgd20")})
+        bands[label] = {attack: [c[attack] for c in per_seed] for attack in ("fgsm", "pgd20")}
+        curves[label] = {attack: np.mean(band, axis=0).tolist() for attack, band in bands[label].items()}
+        for attack, band in bands[label].items():
+            print(f"{robust} {label:10s} {attack:5s}", " ".join(
+                f"{100 * m:.1f}±{50 * (hi - lo):.1f}" for m, lo, hi in
+                zip(curves[label][attack], np.min(band, 0), np.max(band, 0))))
+    names = {"fgsm": "FGSM", "pgd20": "PGD-20"}
+    fig = plots.accuracy_vs_eps(
+        {label: {names[k]: v for k, v in c.items()} for label, c in curves.items()},
+        [e * 255 for e in eps_list] if robust != "mnist" else eps_list,
+        xlabel="ε (Linf" + (", ×1/255)" if robust != "mnist" else ")"),
+        title=f"{robust}, {extra['model']} ({profile}, mean of {len(seeds)} seed(s); "
+              f"stands in for WRN-16-8 on SVHN)",
+        bands={label: {names[k]: v for k, v in b.items()} for label, b in bands.items()})
+    show(fig, f"theory_robust_{robust}", dataset=robust, model=extra["model"], n_eval=len(y_test),
+         eps_list=eps_list, seeds=seeds, curves=curves, per_seed=bands)
+    summary["robust"][robust] = dict(model=extra["model"], eps_list=eps_list, seeds=seeds, curves=curves,
+                                     per_seed=bands)
 
 # %% [markdown]
-# The same two models at the largest ε of the curves, by one `evaluate` call per model and checkpoint on the
-# same test images (clean, FGSM, PGD-20, CW-20, AutoAttack; AutoAttack's two APGD stages only in the smoke profile):
-# the selected checkpoint (best clean accuracy on the validation split held out of the training set) and the last
-# one side by side, each row's masking report under the table (for the selected checkpoints with the PGD-20 curve
-# above). Reported, not asserted: nothing in the theory guarantees an ordering of ERM and mixup under attack at this
-# scale.
+# The models of the notebook's seed at the largest ε of each dataset's curves, by one `evaluate` call per model and
+# checkpoint on the same test images (clean, FGSM, PGD-20, CW-20, AutoAttack; AutoAttack's two APGD stages only in the
+# smoke and cpu profiles): the selected checkpoint (best clean accuracy on the validation split held out of the training
+# set) and the last one side by side, each row's masking report under the table (for the selected checkpoints with the
+# PGD-20 curve above). Reported, not asserted: nothing in the theory guarantees an ordering of ERM and mixup under
+# attack at this scale.
 
 # %%
-eps_table = eps_list[-1]
-by_model = nbtools.evaluate_runs(robust_runs, x_test, y_test, progress=not quiet, eps=eps_table, norm="Linf",
-                                 aa_attacks=size["aa_attacks"])
-results = nbtools.table_rows(by_model)
-curve_of_row = {nbtools.checkpoint_label(label, run): curves[label]["pgd20"]
-                for label, run in robust_runs.items()}
-print(nbtools.table_report(results, curves=curve_of_row))
-print(f"{robust}, {extra['model']}, Linf eps = {eps_table:.4g}, n = {len(y_test)} test images "
-      f"(AutoAttack: {nbtools.aa_used(results)})")
-nbtools.save_table(results, "theory_robust_table", profile=profile,
-                   extra={"dataset": robust, "model": extra["model"], "eps": eps_table,
-                          "n": len(y_test)})
-summary["robust_table"] = {row: {k: r[k] for k in ("clean", "fgsm", "pgd20", "cw20", "aa", "robust")}
-                           for row, r in results.items()}
+results, curve_of_row = {}, {}
+for robust in robust_sets:
+    test, x_test, y_test = robust_tests[robust]
+    found = summary["robust"][robust]
+    eps_table = found["eps_list"][-1]
+    runs_here = {label: run for (where, label), run in robust_runs.items() if where == robust}
+    by_model = nbtools.evaluate_runs(runs_here, x_test, y_test, progress=not quiet, eps=eps_table,
+                                     norm="Linf", aa_attacks=size["aa_attacks"])
+    rows = nbtools.table_rows(by_model)
+    # the PGD-20 curve of the notebook's seed checks the selected checkpoint's row
+    curves_here = {nbtools.checkpoint_label(label, run): found["per_seed"][label]["pgd20"][0]
+                   for label, run in runs_here.items()}
+    print(nbtools.table_report(rows, curves=curves_here))
+    print(f"{robust}, {found['model']}, Linf eps = {eps_table:.4g}, n = {len(y_test)} test images "
+          f"(AutoAttack: {nbtools.aa_used(rows)})\n")
+    nbtools.save_table(rows, f"theory_robust_table_{robust}", profile=profile,
+                       extra={"dataset": robust, "model": found["model"], "eps": eps_table,
+                              "n": len(y_test)})
+    summary["robust"][robust]["table"] = {
+        row: {k: r[k] for k in ("clean", "fgsm", "pgd20", "cw20", "aa", "robust")} for row, r in rows.items()}
+    results.update({f"{robust}: {row}": r for row, r in rows.items()})
+    curve_of_row.update({f"{robust}: {row}": c for row, c in curves_here.items()})
 nbtools.save_table({"summary": summary}, "theory_summary", profile=profile)
 
 # %% [markdown]
@@ -369,7 +402,7 @@ nbtools.save_table({"summary": summary}, "theory_summary", profile=profile)
 # %%
 from mixlab.evaluate import masking_report
 
-for run in [*mixup_runs, robust_runs["mixup α=1"]]:
+for run in [*mixup_runs, *(run for (_, label), run in robust_runs.items() if label != "ERM")]:
     checks.mixup_lambda(run)
 for row, r in results.items():
     flags = masking_report(r, curve=curve_of_row.get(row))

@@ -34,3 +34,30 @@ def _seed():
 def data_root():
     """The data folder the Makefile prepared ($MIXLAB_DATA or ./data)."""
     return Path(os.environ.get("MIXLAB_DATA", REPO / "data"))
+
+
+#: the tiny batch of the method tests: B CIFAR-shaped images, labels in K classes
+B, K = 8, 10
+
+
+@pytest.fixture
+def net():
+    """A fresh tiny CIFAR-shaped classifier, build_model("tiny", K), seeded 0, in train mode."""
+    from mixlab.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("tiny", K).train()
+
+
+@pytest.fixture
+def batch_rng():
+    """The torch.Generator, seeded 1, that ``batch`` draws from; a test may draw more after it."""
+    return torch.Generator().manual_seed(1)
+
+
+@pytest.fixture
+def batch(batch_rng):
+    """x (B, 3, 32, 32) float32 in [0, 1) and labels y (B,) int64 in [0, K), from ``batch_rng``."""
+    x = torch.rand(B, 3, 32, 32, generator=batch_rng)
+    y = torch.randint(0, K, (B,), generator=batch_rng)
+    return x, y

@@ -13,27 +13,20 @@ from mixlab.methods import amp as amp_mod
 from mixlab.methods.amp import amp_loss, amp_perturb, geo_weight, mix
 from mixlab.methods.mixing import mixup_data
 from mixlab.methods.mixup import mixup_criterion
-from mixlab.models import build_model
 from mixlab.paths import image_strip, interpolation_path, interpolation_points
 from mixlab.runs import CheckpointError, check_compatible, load_checkpoint, load_run
 from mixlab.train import train
 
-B, K = 8, 10
+from .conftest import B, K
 
 
 @pytest.fixture
-def net():
-    torch.manual_seed(0)
-    return build_model("tiny", K).train()
-
-
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(B, 3, 32, 32, generator=g)
-    y = torch.randint(0, K, (B,), generator=g)
-    perm = torch.randperm(B, generator=g)
-    lam = torch.rand(B, generator=g)
+def mix_batch(batch, batch_rng):
+    """The shared batch x, y, then partners perm (B,) int64 and λ (B,) float32 in [0, 1) drawn
+    after it from the same generator."""
+    x, y = batch
+    perm = torch.randperm(B, generator=batch_rng)
+    lam = torch.rand(B, generator=batch_rng)
     return x, y, perm, lam
 
 
@@ -42,8 +35,8 @@ def _soft(y):
 
 
 @pytest.mark.parametrize("norm,eps", [("Linf", 8 / 255), ("L2", 0.5)])
-def test_perturbation_stays_in_ball_and_box(net, batch, norm, eps):
-    x, y, perm, lam = batch
+def test_perturbation_stays_in_ball_and_box(net, mix_batch, norm, eps):
+    x, y, perm, lam = mix_batch
     for p in net.parameters():
         p.grad = None
     x_a_adv, x_b_adv, lam_star = amp_perturb(
@@ -60,8 +53,8 @@ def test_perturbation_stays_in_ball_and_box(net, batch, norm, eps):
     assert all(p.grad is None for p in net.parameters()), "the attack touched param.grad"
 
 
-def test_lam_opt_moves_lam_in_signed_steps(net, batch):
-    x, y, perm, lam = batch
+def test_lam_opt_moves_lam_in_signed_steps(net, mix_batch):
+    x, y, perm, lam = mix_batch
     lam = torch.full((B,), 0.5)
     _, _, lam_star = amp_perturb(net, x, x[perm], _soft(y), _soft(y[perm]), lam, eps=0.0,
                                  step_size=0.0, steps=3, lam_opt=True, lam_step=0.05)
@@ -70,16 +63,16 @@ def test_lam_opt_moves_lam_in_signed_steps(net, batch):
     assert (lam_star != 0.5).any()
 
 
-def test_geo_label_without_perturbation_returns_lam(batch):
-    x, _, perm, lam = batch
+def test_geo_label_without_perturbation_returns_lam(mix_batch):
+    x, _, perm, lam = mix_batch
     t = geo_weight(mix(x, x[perm], lam), x, x[perm], lam)
     assert torch.allclose(t, lam, atol=1e-5)
     # an example paired with itself has no segment: t falls back to λ
     assert torch.allclose(geo_weight(x, x, x, lam), lam)
 
 
-def test_eps0_equals_mixup_loss(net, batch):
-    x, y, perm, lam = batch
+def test_eps0_equals_mixup_loss(net, mix_batch):
+    x, y, perm, lam = mix_batch
     out = amp_loss(net, x, y, perm, lam, num_classes=K, eps=0.0, step_size=2 / 255, steps=3)
     x_mix, y_a, y_b = mixup_data(x, y, lam, perm)
     expected = mixup_criterion(net(x_mix), y_a, y_b, lam)
@@ -92,7 +85,7 @@ def test_eps0_equals_mixup_loss(net, batch):
 
 
 def test_method_loss_backpropagates_and_logs(net, batch):
-    x, y, _, _ = batch
+    x, y = batch
     method = get_method("amp")(num_train=20, num_classes=K, epochs=1,
                                attack=AttackSpec(steps=2), lam_opt=True, geo_label=True,
                                clean_weight=0.3)
@@ -111,7 +104,7 @@ def test_method_loss_backpropagates_and_logs(net, batch):
 
 def test_bf16_autocast_and_channels_last(net, batch):
     """The CUDA path (bf16 autocast, channels_last) runs on CPU too."""
-    x, y, _, _ = batch
+    x, y = batch
     net = net.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     method = get_method("amp")(num_train=B, num_classes=K, epochs=1,
@@ -127,7 +120,7 @@ def test_bf16_autocast_and_channels_last(net, batch):
 def test_threat_model_comes_from_attack_and_alpha_is_beta_only(net, batch, monkeypatch):
     """The endpoints' balls, the PGD step and steps are the method's ``attack``; ``alpha`` is
     the Beta(α, α) concentration of λ and nothing else (it was ``mix_alpha``)."""
-    x, y, _, _ = batch
+    x, y = batch
     seen = []
 
     def spy(*args, **kwargs):
@@ -152,8 +145,8 @@ def test_threat_model_comes_from_attack_and_alpha_is_beta_only(net, batch, monke
     assert resolve_config(method="amp", method_hp={"alpha": 0.3})["step_size"] == 8 / 255 / 4
 
 
-def test_path_probe_endpoints_and_worst_case(net, batch):
-    x, y, perm, _ = batch
+def test_path_probe_endpoints_and_worst_case(net, mix_batch):
+    x, y, perm, _ = mix_batch
     net.eval()
     path = interpolation_path(net, x[:3], x[perm][:3], y_a=y[:3], y_b=y[perm][:3], lams=11,
                               eps=8 / 255, steps=3)

@@ -22,19 +22,7 @@ from mixlab.methods.trades import kl_clean_adv
 from mixlab.models import build_model
 from mixlab.sync import no_host_sync
 
-B, K = 8, 10
-
-
-@pytest.fixture
-def net():
-    torch.manual_seed(0)
-    return build_model("tiny", K).train()
-
-
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(B, 3, 32, 32, generator=g), torch.randint(0, K, (B,), generator=g)
+from .conftest import B, K
 
 
 # ----------------------------------------------------------------------------- boxes

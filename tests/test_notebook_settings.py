@@ -44,7 +44,11 @@ def test_values_are_usable_in_every_profile():
                 assert fr[0] == 0 and fr == sorted(set(fr)), where  # the curve check needs this
                 assert 1 in fr, f"{where}: the curve must pass through the threat model's eps"
             if "robust_datasets" in s:
-                assert s["robust_datasets"] and set(s["robust_datasets"]) <= set(DATASETS), where
+                entries = s["robust_datasets"]
+                names = [d for e in entries for d in (e if isinstance(e, list) else [e])]
+                assert entries and all(entries) and set(names) <= set(DATASETS), where
+            if "n_seeds" in s:
+                assert isinstance(s["n_seeds"], int) and s["n_seeds"] >= 1, where
             if "trained" in s and s["trained"]:
                 # trained models tolerate no flag, but for the cpu profile's small models the
                 # CW-20 gap, and on MNIST AutoAttack's (measured and documented in

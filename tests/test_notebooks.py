@@ -185,6 +185,50 @@ def test_evaluate_checkpoints_rows_files_and_report(tmp_path):
     assert text.count("masking report") == 2 and "| paper |" in text
 
 
+def test_seed_table_mean_spread_and_every_seed(tmp_path):
+    """Each name's selected checkpoint per seed, on the same images: the mean, the spread
+    (largest minus smallest) and the values in seed order equal the per-seed evaluations;
+    the Markdown shows mean ± half the spread and each value. A table that averaged one seed
+    twice, or swapped names between seeds, fails the value comparison."""
+    import torch
+
+    x, y = torch.rand(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    runs = {s: {"erm": nbtools.train_or_load(
+                run_dir=tmp_path / f"s{s}", method="erm", dataset="synthetic", model="tiny",
+                epochs=2, batch_size=64, train_subset=256, val_size=64, eval_steps=0,
+                device="cpu", quiet=True, seed=s)} for s in (0, 1)}
+    kw = dict(attacks=("clean", "fgsm"), eps=8 / 255)
+    table = nbtools.seed_table(runs, x, y, progress=False, columns=("clean", "fgsm"), **kw)
+    direct = [nbtools.evaluate_checkpoint("erm", runs[s]["erm"], x, y, progress=False, **kw)
+              for s in (0, 1)]
+    row = table["erm"]
+    assert row["seeds"] == [0, 1] and row["n"] == 24
+    for c in ("clean", "fgsm"):
+        values = [r[c] for r in direct]
+        assert row[f"{c}_values"] == values
+        assert row[c] == pytest.approx(sum(values) / 2)
+        assert row[f"{c}_spread"] == pytest.approx(max(values) - min(values))
+    assert "per_example" not in row["per_seed"][0] and "warnings" in row["per_seed"][1]
+    text = nbtools.format_seed_table(table, columns=("clean", "fgsm"))
+    c0, c1 = (100 * v for v in row["clean_values"])
+    assert f"({c0:.1f}, {c1:.1f})" in text and f"± {50 * abs(c0 - c1) / 100:.1f}" in text
+
+
+def test_seed_table_and_seed_list_refuse_bad_input(tmp_path):
+    run = _tiny_run(tmp_path / "run", epochs=1)
+    import torch
+
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="same names"):
+        nbtools.seed_table({0: {"erm": run}, 1: {"mixup": run}}, x, y, attacks=["clean"])
+    with pytest.raises(ValueError, match="at least one seed"):
+        nbtools.seed_table({}, x, y)
+    assert nbtools.seed_list(3, 2) == [3, 4] and nbtools.seed_list(0, 1) == [0]
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="n_seeds"):
+            nbtools.seed_list(0, bad)
+
+
 def test_train_or_load_says_whether_it_trains(tmp_path, capsys):
     _tiny_run(tmp_path / "run", epochs=1)
     assert capsys.readouterr().out.startswith(f"training {tmp_path / 'run'}\n")
@@ -515,7 +559,7 @@ def test_every_evaluation_call_follows_the_quiet_parameter(path):
                                if not line.lstrip().startswith("%")))
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
              and getattr(n.func, "attr", None) in ("evaluate_runs", "evaluate_checkpoints",
-                                                  "evaluate_checkpoint")]
+                                                  "evaluate_checkpoint", "seed_table")]
     for call in calls:
         keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
         assert keywords.get("progress") == "not quiet", \
@@ -696,3 +740,19 @@ def test_toy_helpers_and_first_present(tmp_path, monkeypatch):
         for kind in ("images-idx3", "labels-idx1"):
             (tmp_path / "MNIST" / "raw" / f"{split}-{kind}-ubyte").write_bytes(b"")
     assert nbtools.first_present(["svhn", "mnist", "cifar10"]) == "mnist"
+
+
+def test_notebook_times_are_written_beside_the_figures(tmp_path, monkeypatch):
+    """Each notebook's wall time lands in <figures>/<job>_time_<profile>.json, one file per
+    notebook (two runners at once never race on one file)."""
+    import json
+
+    from mixlab.notebooks import record_time
+
+    monkeypatch.setenv("MIXLAB_FIGURES", str(tmp_path))
+    first = record_time("quickstart", "cpu", seconds=61.26, ok=True, parameters={"quiet": True})
+    second = record_time("mma_mnist", "cpu", seconds=5.0, ok=False, parameters={})
+    assert first == tmp_path / "quickstart_time_cpu.json"
+    times = json.loads(first.read_text())
+    assert times["seconds"] == 61.3 and times["ok"] is True and times["parameters"]
+    assert json.loads(second.read_text())["ok"] is False and "git_commit" in times

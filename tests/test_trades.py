@@ -9,23 +9,8 @@ from mixlab.config import SETTINGS, resolve_config
 from mixlab.methods import AttackSpec, get_method
 from mixlab.methods import trades as trades_mod
 from mixlab.methods.trades import kl_clean_adv, trades_loss, trades_perturb
-from mixlab.models import build_model
 
-B, K = 8, 10
-
-
-@pytest.fixture
-def net():
-    torch.manual_seed(0)
-    return build_model("tiny", K).train()
-
-
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(B, 3, 32, 32, generator=g)
-    y = torch.randint(0, K, (B,), generator=g)
-    return x, y
+from .conftest import B, K
 
 
 def official_loss(model, x, x_adv, y, beta):
