@@ -25,9 +25,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+#: MIXLAB_FIGURES as the test run was started with (``MIXLAB_FIGURES=figures pytest
+#: tests/test_browser.py`` remakes a committed figure on purpose)
+_FIGURES_GIVEN = "MIXLAB_FIGURES" in os.environ
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _scratch_figures(tmp_path_factory, monkeypatch):
+    """Figures, tables and notebook times a test makes go to a scratch folder, never over
+    the committed figures/ (unless the run was started with MIXLAB_FIGURES set)."""
+    if not _FIGURES_GIVEN:
+        monkeypatch.setenv("MIXLAB_FIGURES", str(tmp_path_factory.mktemp("figures")))
 
 
 @pytest.fixture(scope="session")
