@@ -209,6 +209,8 @@ def test_seed_table_mean_spread_and_every_seed(tmp_path):
         assert row[c] == pytest.approx(sum(values) / 2)
         assert row[f"{c}_spread"] == pytest.approx(max(values) - min(values))
     assert "per_example" not in row["per_seed"][0] and "warnings" in row["per_seed"][1]
+    one = nbtools.seed_table({0: runs[0]}, x, y, progress=False, columns=("clean",), **kw)
+    assert one["erm"]["clean"] == direct[0]["clean"] and one["erm"]["clean_spread"] == 0
     text = nbtools.format_seed_table(table, columns=("clean", "fgsm"))
     c0, c1 = (100 * v for v in row["clean_values"])
     assert f"({c0:.1f}, {c1:.1f})" in text and f"± {50 * abs(c0 - c1) / 100:.1f}" in text
