@@ -193,7 +193,9 @@ for name, row in by_seed.items():  # the other seeds' checkpoints pass the same 
         checks.evaluation(r, min_clean=min_clean, allow_warnings=s["tolerated_flags"])
 if s["trained"]:  # adversarial training buys robustness over ERM
     selected = {name: results[nbtools.checkpoint_label(name, run)] for name, run in runs.items()}
-    checks.evaluation(selected["pgd_at"], min_robust=selected["erm"]["robust"] + 0.1)
+    checks.evaluation(selected["pgd_at"], min_robust=selected["erm"]["robust"] + 0.1,
+                      allow_warnings=s["tolerated_flags"])
     for name in amp_names:  # no gain over ERM: AMP's training attack does nothing
-        checks.evaluation(selected[name], min_robust=selected["erm"]["robust"] + 0.01)
+        checks.evaluation(selected[name], min_robust=selected["erm"]["robust"] + 0.01,
+                          allow_warnings=s["tolerated_flags"])
 print("all checks passed")

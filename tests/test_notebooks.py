@@ -568,6 +568,21 @@ def test_every_evaluation_call_follows_the_quiet_parameter(path):
             f"{path.name}: {ast.unparse(call)[:80]} does not pass progress=not quiet"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_evaluation_check_names_the_flags_it_tolerates(path):
+    """Every checks.evaluation call in a notebook passes allow_warnings: a call without it
+    fails on a flag the profile's settings tolerate (a cpu model's CW-20 gap) in one check
+    and lets it pass in the next, so the verdict would depend on which check ran first."""
+    tree = ast.parse("\n".join(line for line in _code(path).splitlines()
+                               if not line.lstrip().startswith("%")))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", None) == "evaluation"
+             and getattr(n.func.value, "id", None) == "checks"]
+    for call in calls:
+        assert "allow_warnings" in {k.arg for k in call.keywords}, \
+            f"{path.name}: {ast.unparse(call)[:90]} does not pass allow_warnings"
+
+
 def test_evaluation_progress_is_not_part_of_the_cache_key(tmp_path, monkeypatch):
     """progress only changes what is printed: a quiet evaluation reuses a loud one's cache."""
     import torch
