@@ -681,15 +681,16 @@ def format_report(result: Mapping[str, Any], curve=None) -> str:
 def robust_accuracy_curve(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                           eps_list: Iterable[float], attack: str = "pgd20",
                           norm: str = "Linf", batch_size: int = 500,
-                          seed: int = 0) -> list[float]:
+                          seed: int = 0, progress: bool = True) -> list[float]:
     """Worst-case accuracy (clean and ``attack``, per example) for each eps of ``eps_list``
     (pixel units), through :func:`evaluate`, so in fp32 and with its input checks. ``attack``:
     "fgsm", "pgd10", "pgd20", "pgd50" or "cw20". eps = 0 gives the clean accuracy. Feed the
-    list to :func:`masking_report` as ``curve`` (in increasing eps order)."""
+    list to :func:`masking_report` as ``curve`` (in increasing eps order). ``progress``:
+    :func:`evaluate`'s progress bars (False: none)."""
     if attack not in _BATCHED:
         raise ValueError(f"curve attack {attack!r} must be one of {sorted(_BATCHED)}")
     return [evaluate(model, x, y, attacks=(attack,), eps=eps, norm=norm,
-                     batch_size=batch_size, seed=seed)["robust"]
+                     batch_size=batch_size, seed=seed, progress=progress)["robust"]
             for eps in eps_list]
 
 

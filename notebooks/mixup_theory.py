@@ -338,7 +338,8 @@ for robust in robust_sets:
             if run_seed == seed:
                 robust_runs[robust, label] = run
             per_seed.append({attack: robust_accuracy_curve(run.model, x_test, y_test, eps_list=eps_list,
-                                                           attack=attack, norm="Linf")
+                                                           attack=attack, norm="Linf",
+                                                           progress=not quiet)
                              for attack in ("fgsm", "pgd20")})
         bands[label] = {attack: [c[attack] for c in per_seed] for attack in ("fgsm", "pgd20")}
         curves[label] = {attack: np.mean(band, axis=0).tolist() for attack, band in bands[label].items()}

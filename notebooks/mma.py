@@ -138,7 +138,8 @@ for method, m in margins.items():
 
 # %%
 curves = {method: robust_accuracy_curve(run.model, x_test, y_test, eps_list=eps_grid,
-                                        attack=s["curve_attack"], norm=norm)
+                                        attack=s["curve_attack"], norm=norm,
+                                        progress=not quiet)
           for method, run in runs.items()}
 fig = plots.accuracy_vs_eps({method: {s["curve_attack"].upper(): accs}
                              for method, accs in curves.items()}, eps_grid,

@@ -555,13 +555,14 @@ def test_every_training_call_gets_the_quiet_parameter(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_every_evaluation_call_follows_the_quiet_parameter(path):
-    """Every evaluation through nbtools passes progress=not quiet, so `-p quiet true` also
-    hides the evaluation's progress bars."""
+    """Every evaluation (nbtools' tables, seed tables, robust-accuracy curves) passes
+    progress=not quiet, so `-p quiet true` also hides the evaluation's progress bars."""
     tree = ast.parse("\n".join(line for line in _code(path).splitlines()
                                if not line.lstrip().startswith("%")))
+    evaluations = ("evaluate_runs", "evaluate_checkpoints", "evaluate_checkpoint", "seed_table",
+                   "robust_accuracy_curve")
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-             and getattr(n.func, "attr", None) in ("evaluate_runs", "evaluate_checkpoints",
-                                                  "evaluate_checkpoint", "seed_table")]
+             and getattr(n.func, "id", getattr(n.func, "attr", None)) in evaluations]
     for call in calls:
         keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
         assert keywords.get("progress") == "not quiet", \
