@@ -12,7 +12,7 @@ profile, and a notebook reads its entry with one call:
 (64, ['apgd-ce', 'apgd-t'])
 
 Profiles: ``smoke`` (CI on a CPU, a minute or two: the code path, not the papers' numbers),
-``cpu`` (a laptop's two cores, about a quarter of an hour per notebook: models trained for
+``cpu`` (a laptop's CPU, 5 to 45 minutes per notebook on one thread: models trained for
 real on 10k images, 500 test images, AutoAttack's two APGD stages, the checks strict),
 ``short`` (a GPU, minutes), ``paper`` (the papers' scale). Every key is explained in
 :data:`SETTING_HELP`.
