@@ -218,6 +218,9 @@ def worker(out: Path) -> None:
                          "--device", "cpu"]) == 0
     (out / f"report_rank{group.rank}.json").write_text(json.dumps(
         {"writes": writes, "counts": counts, "printed": printed.getvalue()}))
+    # both processes finish before either tears its group down: a peer that exits while the
+    # other still talks to it can abort gloo's connection threads on a loaded machine
+    torch.distributed.barrier()
 
 
 def _free_port() -> int:
