@@ -53,6 +53,11 @@ def figures_dir() -> Path:
     return folder if folder.is_absolute() else project_dir() / folder
 
 
+def device_label() -> str:
+    """The device a sidecar names: the CUDA device's name, or ``"cpu"``."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def save_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = None,
                 folder: str | Path | None = None) -> Path:
     """Save a matplotlib figure as ``<folder>/<name>_<profile>.png`` with a JSON sidecar that
@@ -66,7 +71,7 @@ def save_figure(fig, name: str, *, profile: str, extra: dict[str, Any] | None = 
     fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, png.getvalue())
     meta = dict(figure=path.name, profile=profile, git_commit=git_commit(),
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                device=device_label(),
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
     atomic_write_json(path.with_suffix(".json"), meta, indent=2)
     return path
@@ -96,7 +101,7 @@ def save_table(rows: dict[str, dict[str, Any]], name: str, *, profile: str,
     rows = {row: {k: v for k, v in r.items() if k != "per_example"} if isinstance(r, dict)
             else r for row, r in rows.items()}
     meta = dict(table=rows, profile=profile, git_commit=git_commit(),
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                device=device_label(),
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {}))
     atomic_write_json(path, meta, indent=2, default=float)
     return path

@@ -222,10 +222,8 @@ def record_time(job: str, profile: str, *, seconds: float, ok: bool,
     import os
     import platform
 
-    import torch
-
     from .fileio import atomic_write_json
-    from .nbtools import figures_dir
+    from .nbtools import device_label, figures_dir
     from .runs import git_commit
 
     path = figures_dir() / f"{job}_time_{profile}.json"
@@ -233,7 +231,7 @@ def record_time(job: str, profile: str, *, seconds: float, ok: bool,
                   parameters=parameters, git_commit=git_commit(),
                   threads=os.environ.get("MIXLAB_THREADS"), cpus=os.cpu_count(),
                   machine=platform.machine(),
-                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  device=device_label(),
                   time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, record, indent=2, sort_keys=True)
