@@ -145,9 +145,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model="tiny", epochs=2, batch_size=64, train_subset=1024, val_size=256,
                   steps=3, eval_steps=5, schedule="onecycle", warmup=0.3, lr=0.05,
                   device="cpu"),
-    # CPU, 5 to 45 minutes per notebook on one thread (README, Results): the smallest scale
-    # at which the papers' qualitative claims have a chance to show (10k training images, 10
-    # epochs, a 1k validation split); the notebooks choose dataset, model and eps per paper
+    # CPU, about a quarter of an hour per notebook on two cores (README, Results): the
+    # smallest scale at which the papers' qualitative claims have a chance to show (10k
+    # training images, 10 epochs, a 1k validation split); the notebooks choose dataset, model
+    # and eps per paper
     "cpu": dict(model="tiny", epochs=10, batch_size=128, train_subset=10_000, val_size=1000,
                 steps=5, eval_steps=10, schedule="onecycle", warmup=0.3, lr=0.05,
                 device="cpu"),

@@ -7,7 +7,7 @@
 #
 # The notebook trains (or loads) ERM, mixup, PGD-AT and the AMP variants on one budget, then shows predictions along interpolation paths (clean and worst case over the eps-ball), the images along a path, histograms of the optimized λ* and of t_geo − λ, and the ablation table clean / FGSM / PGD-20 / CW-20 / AutoAttack.
 #
-# Run headless: `papermill notebooks/amp_cifar10.ipynb runs/amp_cifar10.ipynb -p profile short --cwd notebooks` (`make demo` does this). Profiles: `smoke` (CPU, tiny CNN, 1k images, 2 epochs: the plots show the machinery, not the paper's numbers), `cpu` (a laptop's CPU: about 25 minutes on one thread, two seeds of PGD-AT and AMP), `short` (GPU, PreActResNet-18), `paper`. What each profile evaluates: `mixlab.notebook_settings`.
+# Run headless: `papermill notebooks/amp_cifar10.ipynb runs/amp_cifar10.ipynb -p profile short --cwd notebooks` (`make demo` does this). Profiles: `smoke` (CPU, tiny CNN, 1k images, 2 epochs: the plots show the machinery, not the paper's numbers), `cpu` (a laptop's CPU: about a quarter of an hour on two cores, two seeds of PGD-AT and AMP; measured times in the README's Results), `short` (GPU, PreActResNet-18), `paper`. What each profile evaluates: `mixlab.notebook_settings`.
 
 # %% tags=["parameters"]
 profile = "smoke"      # type: str  run size: smoke | cpu | short | paper

@@ -12,7 +12,9 @@
 #
 # The averaged PGD-AT run appears twice in the table, as its average and as its raw weights (`pgd_at_ema_raw`: the same checkpoint file, the weights the optimiser trained), so the table shows what averaging buys; the figure of the training curves shows the same for every averaged run on the validation split.
 #
-# Run headless: `papermill notebooks/baselines_cifar10.ipynb runs/baselines_cifar10.ipynb -p profile short --cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 1k images, 2 epochs: the machinery, not the papers' numbers), `cpu` (a laptop's CPU), `short` (GPU, PreActResNet-18), `paper`. What each profile evaluates: `mixlab.notebook_settings`.
+# **The cpu profile trains four of them** (`baselines` in `mixlab.notebook_settings`), to fit about a quarter of an hour on two cores: `pgd_at_ema`, `cutmix_ema`, `pgd_at_cutmix_ema` and `trades`. PGD-AT is trained once: averaging changes nothing in the loss, so with the same seed the averaged run's raw weights are PGD-AT's own, step for step, and its `pgd_at_ema_raw` rows are PGD-AT (the `best` one at the epoch the average selected). AMP is left to `amp_cifar10`, which trains it against PGD-AT on the same budget.
+#
+# Run headless: `papermill notebooks/baselines_cifar10.ipynb runs/baselines_cifar10.ipynb -p profile short --cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 1k images, 2 epochs: the machinery, not the papers' numbers), `cpu` (a laptop's CPU: about a quarter of an hour on two cores, four of the runs, see above), `short` (GPU, PreActResNet-18), `paper`. What each profile evaluates: `mixlab.notebook_settings`.
 
 # %% tags=["parameters"]
 profile = "smoke"      # type: str  run size: smoke | cpu | short | paper
@@ -53,6 +55,9 @@ methods = {"pgd_at": dict(method="pgd_at"),
            "pgd_at_cutmix_ema": dict(method="pgd_at", method_hp={"mix": "cutmix"}, **averaged),
            "trades": dict(method="trades"),
            "amp_ema": dict(method="amp", **averaged)}
+# the runs this profile trains (the cpu profile's leave out PGD-AT without averaging, whose
+# weights are the averaged run's raw ones, and AMP, which amp_cifar10 trains)
+methods = {name: methods[name] for name in s["baselines"]}
 # averaged runs whose raw weights are evaluated too (each costs one more row per checkpoint;
 # the figure below shows every averaged run's raw weights on the validation split for free)
 raw_too = ["pgd_at_ema"]
@@ -75,7 +80,7 @@ for name, run in finished.items():
         runs[f"{name}_raw"] = nbtools.open_run(run.path, which=run.which, weights="raw",
                                                device=dev)
     runs[name] = run
-cfg = runs["pgd_at"].config
+cfg = runs["pgd_at_ema"].config  # one budget: every run has the same engine settings
 eps = cfg["eps"]
 print(f"{cfg['model']}, {cfg['epochs']} epochs, training PGD steps {cfg['steps']}, validation "
       f"split of {cfg['val_size']} training images, eps {eps * 255:g}/255")
@@ -137,7 +142,7 @@ nbtools.save_figure(fig, "baselines_bars", profile=profile, extra={"table": "bas
 
 # %%
 seeds = nbtools.seed_list(seed, s["n_seeds"])
-compared = ["pgd_at", "pgd_at_ema"]
+compared = [name for name in ("pgd_at", "pgd_at_ema") if name in methods]
 runs_by_seed = {seed: {name: runs[name] for name in [*compared, "pgd_at_ema_raw"]}}
 for other in seeds[1:]:
     trained = {name: nbtools.train_or_load(run_dir=root / "seeds" / f"seed{other}" / name,
@@ -165,7 +170,8 @@ nbtools.save_table(by_seed, "baselines_seeds", profile=profile,
 # %%
 # CutMix drew its λ from Beta(α, α); AMP drew λ0 so and moved λ only where lam_opt says so
 checks.mixup_lambda(runs["cutmix_ema"])
-checks.amp_lambda(runs["amp_ema"])
+if "amp_ema" in runs:
+    checks.amp_lambda(runs["amp_ema"])
 
 # every evaluated row: AutoAttack not weaker than PGD-20, no masking flags (the noisy ones of a
 # barely trained model pass where the settings tolerate them); trained for real (the `trained`

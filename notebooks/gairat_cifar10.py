@@ -5,7 +5,7 @@
 #
 # This notebook trains (or loads) PGD-AT and GAIRAT (and GAIR-FAT / FAT when listed in `methods`) on the same budget and shows the κ histogram per epoch, the weight functions, weights against the clean CW margin, the lowest- and highest-weight training images, and the robustness table next to the paper's numbers.
 #
-# Run headless: `papermill notebooks/gairat_cifar10.ipynb runs/gairat_cifar10.ipynb -p profile short --cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 2k images, about a minute or two), `cpu` (a laptop's CPU: about 20 minutes on one thread, two seeds), `short` (GPU, PreActResNet-18, 30 epochs, ResNet schedule), `paper` (WRN-32-10, 120 epochs, begin_epoch 60). What each profile evaluates: `mixlab.notebook_settings`.
+# Run headless: `papermill notebooks/gairat_cifar10.ipynb runs/gairat_cifar10.ipynb -p profile short --cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 2k images, about a minute or two), `cpu` (a laptop's CPU: about a quarter of an hour on two cores, two seeds; measured times in the README's Results), `short` (GPU, PreActResNet-18, 30 epochs, ResNet schedule), `paper` (WRN-32-10, 120 epochs, begin_epoch 60). What each profile evaluates: `mixlab.notebook_settings`.
 
 # %% tags=["parameters"]
 profile = "smoke"                # type: str  run size: smoke | cpu | short | paper
