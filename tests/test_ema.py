@@ -218,6 +218,39 @@ def test_the_loop_averages_the_weights_after_each_step(tmp_path, monkeypatch, de
                                                                    ema_scores["val_robust"])
 
 
+def test_averaging_leaves_the_trained_weights_as_they_were(tmp_path, monkeypatch):
+    """Two epochs with and without weight averaging: the raw weights and every raw validation
+    score are the same bit for bit, so an averaged run's raw weights are the plain run's (the
+    baselines notebook's cpu profile trains PGD-AT once on that ground). An average that drew
+    from the random stream, e.g. a random-start PGD when the average is validated, would shift
+    every later attack and batch: the broken variant below does, and its weights differ."""
+    import mixlab.ema as ema_mod
+    from mixlab.runs import load_run
+    from mixlab.train import train
+
+    cfg = dict(LOOP, epochs=2)
+    _, plain = train(run_dir=str(tmp_path / "plain"), **cfg)
+    _, averaged = train(run_dir=str(tmp_path / "averaged"), ema_decay=0.9, **cfg)
+
+    def raw_weights(name):
+        return _float_state(load_run(tmp_path / name, which="last").model)
+
+    keys = ("train_loss", "val_clean", "val_robust")
+    assert [[h[k] for k in keys] for h in averaged] == [[h[k] for k in keys] for h in plain]
+    want = raw_weights("plain")
+    assert all(torch.equal(value, want[key]) for key, value in raw_weights("averaged").items())
+
+    real_update = ema_mod.WeightAverage.update
+
+    def update_that_draws(self, model):
+        torch.rand(1)  # one draw from the global stream
+        real_update(self, model)
+    monkeypatch.setattr(ema_mod.WeightAverage, "update", update_that_draws)
+    train(run_dir=str(tmp_path / "broken"), ema_decay=0.9, **cfg)
+    broken = raw_weights("broken")
+    assert not all(torch.equal(value, want[key]) for key, value in broken.items())
+
+
 def test_a_resumed_run_continues_the_average_exactly(tmp_path):
     """Stopped after epoch 1 and resumed: the average, its update count (the warm-up's
     position) and every ema_val_* score equal those of an uninterrupted run."""
