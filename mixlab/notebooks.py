@@ -217,8 +217,8 @@ def record_time(job: str, profile: str, *, seconds: float, ok: bool,
     """Write one notebook's wall-clock time as ``<figures>/<job>_time_<profile>.json`` (the
     folder of :func:`mixlab.nbtools.figures_dir`), beside the figures it made: seconds,
     whether it passed, its parameters, the commit, the CPU threads and the machine. One file
-    per notebook, so runners working at once (``make -j2 evidence``) never race on a file;
-    written atomically."""
+    per notebook, so runners working at once (two ``python -m mixlab.notebooks`` in parallel)
+    never race on a file; written atomically."""
     import os
     import platform
 

@@ -12,9 +12,9 @@
 #
 # The averaged PGD-AT run appears twice in the table, as its average and as its raw weights (`pgd_at_ema_raw`: the same checkpoint file, the weights the optimiser trained), so the table shows what averaging buys; the figure of the training curves shows the same for every averaged run on the validation split.
 #
-# **The cpu profile trains four of them** (`baselines` in `mixlab.notebook_settings`), to fit about a quarter of an hour on two cores: `pgd_at_ema`, `cutmix_ema`, `pgd_at_cutmix_ema` and `trades`. PGD-AT is trained once: averaging changes nothing in the loss, so with the same seed the averaged run's raw weights are PGD-AT's own, step for step, and its `pgd_at_ema_raw` rows are PGD-AT (the `best` one at the epoch the average selected). AMP is left to `amp_cifar10`, which trains it against PGD-AT on the same budget.
+# **The cpu profile trains three of them** (`baselines` in `mixlab.notebook_settings`), to fit about a quarter of an hour on two cores: `pgd_at_ema`, `pgd_at_cutmix_ema` and `trades`. PGD-AT is trained once: averaging changes nothing in the loss, so with the same seed the averaged run's raw weights are PGD-AT's own, step for step, and its `pgd_at_ema_raw` rows are PGD-AT (the `best` one at the epoch the average selected). AMP is left to `amp_cifar10`, which trains it against PGD-AT on the same budget, and CutMix without an attack, which is not robust at all (0.6% worst case at this scale), is left out.
 #
-# Run headless: `papermill notebooks/baselines_cifar10.ipynb runs/baselines_cifar10.ipynb -p profile short --cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 1k images, 2 epochs: the machinery, not the papers' numbers), `cpu` (a laptop's CPU: about a quarter of an hour on two cores, four of the runs, see above), `short` (GPU, PreActResNet-18), `paper`. What each profile evaluates: `mixlab.notebook_settings`.
+# Run headless: `papermill notebooks/baselines_cifar10.ipynb runs/baselines_cifar10.ipynb -p profile short --cwd notebooks`. Profiles: `smoke` (CPU, tiny CNN, 1k images, 2 epochs: the machinery, not the papers' numbers), `cpu` (a laptop's CPU: about a quarter of an hour on two cores, three of the runs, see above), `short` (GPU, PreActResNet-18), `paper`. What each profile evaluates: `mixlab.notebook_settings`.
 
 # %% tags=["parameters"]
 profile = "smoke"      # type: str  run size: smoke | cpu | short | paper
@@ -169,7 +169,9 @@ nbtools.save_table(by_seed, "baselines_seeds", profile=profile,
 
 # %%
 # CutMix drew its λ from Beta(α, α); AMP drew λ0 so and moved λ only where lam_opt says so
-checks.mixup_lambda(runs["cutmix_ema"])
+# (each where this profile trains it)
+if "cutmix_ema" in runs:
+    checks.mixup_lambda(runs["cutmix_ema"])
 if "amp_ema" in runs:
     checks.amp_lambda(runs["amp_ema"])
 

@@ -137,7 +137,7 @@ class GAIRAT(Method):
     }
     hp_profiles = {
         "smoke": dict(begin_epoch=2),    # reweighting from epoch 2 of 3
-        "cpu": dict(begin_epoch=3),      # from 30% of the 10 epochs, as short does
+        "cpu": dict(begin_epoch=3),      # from epoch 3 of 8, about short's 30%
         "short": dict(begin_epoch=10),   # from the first lr drop (30%), as 30 of 100 epochs
         "paper": dict(begin_epoch=60),
     }
