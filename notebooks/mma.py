@@ -15,7 +15,7 @@
 #
 # The `dataset` parameter picks the experiment; `python -m mixlab.notebooks` runs both and names the executed copies `mma_cifar10.ipynb` and `mma_mnist.ipynb`, and the figures are `mma_<dataset>_<norm>_*`.
 # - **CIFAR-10** (paper: WRN-28-4, SGD lr 0.3 with steps at 20k/30k/40k of 50k steps, batch 128, 45k/5k train/validation split, AN-PGD with 10 PGD steps). Profiles: `smoke` (CPU, tiny CNN, 1k images, about a minute), `short` (GPU, PreActResNet-18, 15 epochs, one-cycle), `paper` (WRN-28-4, 143 epochs = 50k steps, the official schedule).
-# - **MNIST** (paper: LeNet5-Madry, Adam lr 1e-4, batch 50, 100k steps, 55k/5k train/validation split, AN-PGD with 40 PGD steps). Profiles: `smoke` (CPU, SmallCNN, 1k images, about a minute), `short` (GPU, LeNet5-Madry, 10 epochs, Adam 1e-3), `paper` (LeNet5-Madry, 91 epochs = 100k steps of batch 50, Adam 1e-4).
+# - **MNIST** (paper: LeNet5-Madry, Adam lr 1e-4, batch 50, 100k steps, 55k/5k train/validation split, AN-PGD with 40 PGD steps). Profiles: `smoke` (CPU, SmallCNN, 1k images, about a minute), `cpu` (CPU, the tiny CNN, 8,000 images, 8 epochs, Adam 1e-3, 10 AN-PGD steps, the paper's radii: MMA costs about twice PGD-AT per image, and MMA, PGD-AT and ERM on this budget take about a quarter of an hour on two cores; MNIST because its models turn robust within such a budget, CIFAR-10's tiny models barely do), `short` (GPU, LeNet5-Madry, 10 epochs, Adam 1e-3), `paper` (LeNet5-Madry, 91 epochs = 100k steps of batch 50, Adam 1e-4).
 #
 # Run headless: `papermill notebooks/mma.ipynb runs/mma_cifar10.ipynb -p profile short --cwd notebooks` (also `-p dataset mnist`, `-p norm L2`, `-p d_max ...`). What each profile evaluates: `mixlab.notebook_settings`.
 
