@@ -148,9 +148,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     # CPU, about a quarter of an hour per notebook on two cores (README, Results): the
     # smallest scale at which the papers' qualitative claims have a chance to show (10k
     # training images, 8 epochs, a 1k validation split); the notebooks choose dataset, model
-    # and eps per paper. The notebooks train four PGD-sized runs each (two methods, two
-    # seeds), ~2.3 minutes apiece here, so 8 epochs, and the in-training validation attacks
-    # with the training's 5 PGD steps (with 10 it cost a fifth of a PGD-AT run)
+    # and eps per paper. A notebook trains about four PGD-sized runs (two methods, two seeds):
+    # 8 epochs and a validation attack with the training's 5 PGD steps (10 cost a fifth of a
+    # PGD-AT run) make each about 1.7 minutes on two cores, leaving room for the evaluations
     "cpu": dict(model="tiny", epochs=8, batch_size=128, train_subset=10_000, val_size=1000,
                 steps=5, eval_steps=5, schedule="onecycle", warmup=0.3, lr=0.05,
                 device="cpu"),

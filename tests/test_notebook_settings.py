@@ -49,6 +49,16 @@ def test_values_are_usable_in_every_profile():
                 assert entries and all(entries) and set(names) <= set(DATASETS), where
             if "n_seeds" in s:
                 assert isinstance(s["n_seeds"], int) and s["n_seeds"] >= 1, where
+            if "baselines" in s:
+                # names of the notebook's `methods` table (a typo in the cpu entry would
+                # otherwise surface only in `make evidence`), with the averaged PGD-AT run the
+                # raw-weights rows and the seed table read
+                script = (REPO / "notebooks" / f"{name}.py").read_text()
+                methods = set(re.findall(r'^(?:methods = \{)?\s*"(\w+)": dict\(method=', script,
+                                         re.M))
+                runs = s["baselines"]
+                assert runs and len(set(runs)) == len(runs) and set(runs) <= methods, where
+                assert "pgd_at_ema" in runs, where
             if "trained" in s and s["trained"]:
                 # trained models tolerate no flag, but for the cpu profile's small models the
                 # CW-20 gap, and on MNIST AutoAttack's (measured and documented in
